@@ -1,0 +1,163 @@
+"""The diffusers backend: ``FluxTransformer2DModel`` and ``AutoencoderKL`` built locally from a config, running
+the reference numerics in float32 or bf16 on CPU or GPU. Train and the CLI use it; ComfyUI nodes never import it.
+
+Two details of the DiffSynth reference that diffusers does differently are reproduced here:
+* the timestep embedding (frequency rounding, see ``e2p_core.time_embedding``) and the conditioning summed as
+  ``(time + pooled text) + guidance``;
+* the q/k RMSNorm, which normalises in float32, rounds to the model dtype and only then multiplies by the weight
+  (``torch.nn.RMSNorm`` rounds once; the difference is one bf16 ulp).
+"""
+
+import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+from ..checkpoints import DiTArchitecture, VAEArchitecture, bfl_to_diffusers
+from ..prompts import PromptEmbeddings
+from ..time_embedding import TimeEmbedding, check_time_embedding, sinusoid_frequencies, timestep_sinusoid
+from ..weights import DiTWeights, VAEWeights
+
+GUIDANCE_SCALE_FACTOR = 1000.0  # Flux embeds guidance like a timestep: 1.0 -> 1000
+
+
+class ReferenceRMSNorm(torch.nn.Module):
+    """DiffSynth's RMSNorm: ``(x * rsqrt(mean(x^2) + eps)).to(dtype) * weight``. Same parameter name as nn.RMSNorm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.float().square().mean(-1, keepdim=True)
+        normed = (hidden_states * torch.rsqrt(variance + self.eps)).to(hidden_states.dtype)
+        return normed * self.weight
+
+
+class ReferenceFluxTransformer(FluxTransformer2DModel):
+    """Flux DiT whose forward takes E2P timesteps (1000 * sigma) and returns the image-token velocity.
+
+    Same parameters and state-dict keys as ``FluxTransformer2DModel``; only the forward and the q/k norms differ.
+    """
+
+    def __init__(self, *args, time_embedding: TimeEmbedding = "reference", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.time_embedding = check_time_embedding(time_embedding)
+        for module in self.modules():
+            for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+                norm = getattr(module, name, None)
+                if isinstance(norm, torch.nn.RMSNorm):
+                    setattr(module, name, ReferenceRMSNorm(norm.normalized_shape[0], norm.eps))
+
+    def conditioning(self, timestep, guidance, pooled_projections, dtype) -> torch.Tensor:
+        """The modulation vector of every block, [B,hidden], in the reference's summation order."""
+        embedders = self.time_text_embed
+        frequencies = sinusoid_frequencies(self.time_embedding, timestep.dtype, timestep.device)
+        time_emb = embedders.timestep_embedder(timestep_sinusoid(timestep, frequencies).to(dtype))
+        conditioning = time_emb + embedders.text_embedder(pooled_projections)
+        if guidance is not None and hasattr(embedders, "guidance_embedder"):
+            exact = sinusoid_frequencies("exact", torch.float32, guidance.device)
+            guidance_sinusoid = timestep_sinusoid(guidance * GUIDANCE_SCALE_FACTOR, exact)
+            conditioning = conditioning + embedders.guidance_embedder(guidance_sinusoid.to(dtype))
+        return conditioning
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance=None):
+        hidden_states = self.x_embedder(hidden_states)  # [B,N,hidden]
+        temb = self.conditioning(timestep, guidance, pooled_projections, hidden_states.dtype)  # [B,hidden]
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states)  # [B,L,hidden]
+        rotary = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))  # text first, as in attention
+
+        for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, encoder_hidden_states, temb, rotary
+                )
+            else:
+                encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, rotary)
+
+        hidden_states = self.norm_out(hidden_states, temb)
+        return self.proj_out(hidden_states)  # [B,N,64]
+
+
+class DiffusersDenoiser:
+    """:class:`e2p_core.backends.base.Denoiser` over a :class:`ReferenceFluxTransformer`."""
+
+    def __init__(self, transformer: ReferenceFluxTransformer):
+        self.transformer = transformer
+        self.dtype = transformer.dtype
+        self.device = transformer.device
+
+    def __call__(self, tokens, ids, timestep, guidance, prompt: PromptEmbeddings) -> torch.Tensor:
+        batch = tokens.shape[0]
+        text = prompt.prompt_embeds.expand(batch, -1, -1)  # [B,L,D]
+        text_ids = torch.zeros(text.shape[1], 3, dtype=ids.dtype, device=ids.device)
+        return self.transformer(
+            hidden_states=tokens,
+            encoder_hidden_states=text,
+            pooled_projections=prompt.pooled_prompt_embeds.expand(batch, -1),
+            timestep=timestep,
+            img_ids=ids,
+            txt_ids=text_ids,
+            guidance=guidance,
+        )
+
+
+class DiffusersCodec:
+    """:class:`e2p_core.backends.base.LatentCodec` over ``AutoencoderKL``: posterior mean, then shift and scale."""
+
+    def __init__(self, vae: AutoencoderKL):
+        self.vae = vae
+        self.dtype = vae.dtype
+        self.device = vae.device
+        self.shift = vae.config.shift_factor
+        self.scale = vae.config.scaling_factor
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean = self.vae.encode(pixels).latent_dist.mode()  # [B,16,H/8,W/8]; the mean, never a sample
+        return (mean - self.shift) * self.scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scale + self.shift).sample  # [B,3,H,W]
+
+
+def build_transformer(
+    state_dict_diffusers: dict[str, torch.Tensor],
+    architecture: DiTArchitecture,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    time_embedding: TimeEmbedding = "reference",
+) -> ReferenceFluxTransformer:
+    """Build on the meta device and adopt the given tensors (no second copy of the weights in memory)."""
+    with torch.device("meta"):
+        transformer = ReferenceFluxTransformer(**architecture.to_diffusers_config(), time_embedding=time_embedding)
+    weights = {key: tensor.to(device=device, dtype=dtype) for key, tensor in state_dict_diffusers.items()}
+    transformer.load_state_dict(weights, strict=True, assign=True)
+    return transformer.eval().requires_grad_(False)
+
+
+def build_vae(
+    state_dict_diffusers: dict[str, torch.Tensor],
+    architecture: VAEArchitecture,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> AutoencoderKL:
+    with torch.device("meta"):
+        vae = AutoencoderKL(**architecture.to_diffusers_config())
+    weights = {key: tensor.to(device=device, dtype=dtype) for key, tensor in state_dict_diffusers.items()}
+    vae.load_state_dict(weights, strict=True, assign=True)
+    return vae.eval().requires_grad_(False)
+
+
+def load_diffusers_backend(
+    dit: DiTWeights,
+    vae: VAEWeights,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    time_embedding: TimeEmbedding | None = None,
+) -> tuple[DiffusersDenoiser, DiffusersCodec]:
+    """Denoiser and codec from loaded weights. ``time_embedding`` defaults to what the DiT file records, else
+    ``reference`` (see ``e2p_core.time_embedding``)."""
+    variant = time_embedding or dit.time_embedding or "reference"
+    transformer = build_transformer(bfl_to_diffusers(dit.state_dict_bfl), dit.architecture, dtype, device, variant)
+    return DiffusersDenoiser(transformer), DiffusersCodec(build_vae(vae.state_dict_diffusers, vae.architecture, dtype,
+                                                                   device))

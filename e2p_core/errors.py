@@ -1,0 +1,17 @@
+"""Errors the engine raises for bad input.
+
+Every message names the offending file, key or value and says what was expected, so a ComfyUI user or a CLI user
+can fix the problem without reading the code. All derive from ``ValueError`` so generic callers still catch them.
+"""
+
+
+class E2PError(ValueError):
+    """Base class of every user-facing Edit2Perceive error."""
+
+
+class CheckpointError(E2PError):
+    """A weights file is missing, unreadable, unsafe (pickle), of an unknown layout, or for another model."""
+
+
+class InputError(E2PError):
+    """An image, point prompt, mask, noise tensor or option is malformed or out of range."""

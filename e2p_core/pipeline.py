@@ -1,0 +1,199 @@
+"""Edit2Perceive inference: one image (+ a point prompt for matting) -> depth, normals or alpha.
+
+The algorithm of the official code (E2P-SPEC §1.10), stage by stage:
+
+1. Preprocess: resize to the processing size (``aligned``: keep aspect and pad; ``reference``: the official square
+   squash) and map to [-1,1]. Matting adds a soft point map, encoded as ``map*2-1`` on 3 channels.
+2. Encode every context image with the VAE (posterior mean, shift, scale) and pack it into 2x2 tokens; every
+   context image gets RoPE ids (1, row, col), the target (0, row, col).
+3. Draw the initial latent: fixed-seed Gaussian noise in float32, cast to the model dtype.
+4. Sample: 1 step at t = 1000 with the reference's -0.99107 factor, or N Euler steps on the shift-3 grid.
+5. Decode, postprocess in the decoder's dtype (clip and map to [0,1]; unit-normalise normals), and bring the result
+   back to exactly the input H x W.
+
+Outputs are in the reference conventions (``e2p_core.conventions`` converts them): depth is affine-invariant,
+normalised to [0,1] with near = 0 (``depth_affine01``); normals are unit vectors in the training frame (+x left,
++y up, +z toward the camera, ``normals_e2p``); alpha is in [0,1] with 1 = foreground.
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .backends.base import Denoiser, LatentCodec
+from .errors import InputError
+from .images import Geometry, pad_map, plan_geometry, prepare_image, prepare_map, restore
+from .points import build_point_map, encode_point_map, scale_coords
+from .prompts import PromptEmbeddings
+from .schedule import LATENT_CHANNELS, euler_step, initial_noise, make_schedule
+from .tasks import Task, get_task
+from .tokens import CONTEXT_INDEX, TARGET_INDEX, pack_latents, position_ids, unpack_tokens
+
+logger = logging.getLogger(__name__)
+
+NORMAL_EPS = 1e-8  # the reference's x / (||x|| + 1e-8)
+
+
+@dataclass(frozen=True)
+class Clicks:
+    """Clicked foreground points for matting, rasterised at the processing size (as the reference app does).
+
+    ``mode="app"``: disks of ``radius_px`` around the clicks, then 10 seed-42 points sampled inside them, each a
+    Gaussian of ``sigma_px`` (the official app). ``mode="clicks"``: Gaussians exactly at the clicks (intuitive, not
+    what was trained). ``None`` sizes mean the reference's values scaled to the processing size (30 and 100 px at 768).
+    """
+
+    points_px: np.ndarray  # [N,2] (x, y) in input-image pixels
+    mode: Literal["app", "clicks"] = "app"
+    sigma_px: float | None = None
+    radius_px: float | None = None
+
+
+@dataclass
+class Perception:
+    """Everything one run produced; all batch-first."""
+
+    output: torch.Tensor  # float32 [B,C,H,W] at the input size: depth_affine01 / normals_e2p / alpha
+    decoded: torch.Tensor  # model dtype [B,3,Hp,Wp]: raw VAE output at the processing size
+    latent: torch.Tensor  # float32 [B,16,h,w]: final latent, before the cast for decoding
+    velocity: torch.Tensor  # model dtype [B,16,h,w]: first-step DiT velocity of the target
+    point_map: torch.Tensor | None  # float32 [B,Hp,Wp] in [0,1]: the soft point map fed to the model (matting)
+    geometry: Geometry
+
+
+def perceive(
+    denoiser: Denoiser,
+    codec: LatentCodec,
+    images: Sequence[np.ndarray] | np.ndarray | torch.Tensor,
+    task: str,
+    prompt: PromptEmbeddings,
+    *,
+    clicks: Clicks | None = None,
+    point_map: np.ndarray | torch.Tensor | None = None,
+    steps: int = 1,
+    seed: int = 42,
+    noise: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    resize: Literal["aligned", "reference"] = "aligned",
+    resolution: int | Literal["native"] = 768,
+    on_step: Callable[[int, int], None] | None = None,
+) -> Perception:
+    """Run Edit2Perceive on a batch of same-size images ([B,H,W,3] uint8 or float in [0,1], or one [H,W,3]).
+
+    ``point_map`` is a soft map in [0,1] at the input size ([H,W] or [B,H,W]); ``clicks`` builds one instead.
+    ``noise`` ([1 or B,16,h,w] float32) replaces the seeded noise. ``on_step(i, steps)`` runs before every DiT
+    call (progress bars, cancellation).
+    """
+    spec = get_task(task)
+    frames = _as_frames(images)
+    geometry = plan_geometry(frames[0].shape[:2], resize, resolution)
+    dtype, device = denoiser.dtype, denoiser.device
+
+    # 1. The Kontext context images in [-1,1] at the processing size: the RGB, then (matting) the point map.
+    rgb = torch.stack([prepare_image(frame, geometry) for frame in frames])  # [B,3,Hp,Wp]
+    contexts = [rgb]
+    soft_point_map = _point_maps(spec, geometry, len(frames), clicks, point_map)  # [B,Hp,Wp] or None
+    if soft_point_map is not None:
+        contexts.append(torch.stack([encode_point_map(m) for m in soft_point_map]))  # [B,3,Hp,Wp]
+
+    # 2. Encode and pack each context image; all of them share the ids (1, row, col).
+    context_latents = [codec.encode(pixels.to(device, dtype)) for pixels in contexts]  # each [B,16,h,w]
+    latent_hw = tuple(context_latents[0].shape[-2:])
+    context_tokens = torch.cat([pack_latents(latent) for latent in context_latents], dim=1)  # [B,M,64]
+    target_ids = position_ids(latent_hw, TARGET_INDEX, dtype, device)  # [N,3]
+    context_ids = position_ids(latent_hw, CONTEXT_INDEX, dtype, device).repeat(len(contexts), 1)  # [M,3]
+    ids = torch.cat([target_ids, context_ids])  # [N+M,3]
+
+    # 3. The initial latent: the same fixed-seed noise for every frame, so videos do not flicker.
+    if noise is None:
+        noise = initial_noise(latent_hw, seed, device)  # [1,16,h,w] float32
+    latent = _check_noise(noise, latent_hw, len(frames)).to(device, dtype)
+
+    # 4. Sample. Sigmas stay float32 so each update is computed and carried in float32, as in the reference.
+    schedule = make_schedule(steps)
+    sigmas = schedule.sigmas.to(device)
+    guidance_batch = torch.full((len(frames),), guidance, dtype=dtype, device=device)
+    n_target = target_ids.shape[0]
+    first_velocity = None
+    for i, timestep in enumerate(schedule.timesteps.to(device)):
+        if on_step is not None:
+            on_step(i, steps)
+        tokens = torch.cat([pack_latents(latent.to(dtype)), context_tokens], dim=1)  # [B,N+M,64]
+        t = timestep.to(dtype).expand(len(frames))  # [B]
+        velocity = unpack_tokens(denoiser(tokens, ids, t, guidance_batch, prompt)[:, :n_target], latent_hw)
+        first_velocity = velocity if first_velocity is None else first_velocity
+        latent = euler_step(latent, velocity, sigmas[i : i + 1], sigmas[i + 1 : i + 2])  # float32 [B,16,h,w]
+
+    # 5. Decode, postprocess in the decoder dtype, and return to the input size.
+    decoded = codec.decode(latent.to(dtype))  # [B,3,Hp,Wp]
+    output = restore(postprocess(spec, decoded), geometry)  # [B,C,H,W]
+    if spec.name == "normal" and geometry.resized_hw != geometry.input_hw:
+        output = output / (output.norm(dim=1, keepdim=True) + NORMAL_EPS)  # interpolation shortens the vectors
+    return Perception(output, decoded, latent, first_velocity, soft_point_map, geometry)
+
+
+def postprocess(task: Task, decoded: torch.Tensor) -> torch.Tensor:
+    """The reference ``vae_out_to_np``, computed in the decoder's dtype, then float32.
+
+    depth, matting: ``(clip(x,-1,1)+1)/2``, then the channel mean -> [B,1,H,W] in [0,1].
+    normal: ``x / (||x|| + 1e-8)`` over channels, no clipping -> [B,3,H,W] unit vectors.
+    """
+    if task.name == "normal":
+        return (decoded / (decoded.norm(dim=1, keepdim=True) + NORMAL_EPS)).float()
+    mapped01 = ((decoded.clamp(-1, 1) + 1) / 2).float()
+    return mapped01.mean(dim=1, keepdim=True)
+
+
+def _as_frames(images) -> list:
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
+        return [images]
+    frames = list(images)
+    if not frames:
+        raise InputError("no image given")
+    shapes = {tuple(frame.shape) for frame in frames}
+    if len(shapes) != 1:
+        raise InputError(f"all images of a batch must have the same size, got {sorted(shapes)}")
+    return frames
+
+
+def _point_maps(spec: Task, geometry: Geometry, batch: int, clicks: Clicks | None, point_map) -> torch.Tensor | None:
+    """The soft point maps [B,Hp,Wp] in [0,1] for matting; None for the other tasks."""
+    if not spec.uses_point_map:
+        if clicks is not None or point_map is not None:
+            logger.warning("the %s task takes no point prompt; ignoring it", spec.name)
+        return None
+    if clicks is not None and point_map is not None:
+        raise InputError("give either clicks or a point map, not both")
+    if clicks is not None:
+        points = scale_coords(clicks.points_px, geometry.input_hw, geometry.resized_hw)
+        built = build_point_map(clicks.mode, *geometry.resized_hw, points_px=points,
+                                sigma_px=clicks.sigma_px, radius_px=clicks.radius_px)  # [h',w']
+        return pad_map(built, geometry).expand(batch, -1, -1)
+    if point_map is not None:
+        maps = _as_point_maps(point_map, geometry.input_hw, batch)
+    else:
+        logger.warning("matting without a point prompt: the model sees an empty point map (as the reference app)")
+        maps = [np.zeros(geometry.input_hw, dtype=np.float32)] * batch
+    return torch.stack([prepare_map(m, geometry) for m in maps])
+
+
+def _as_point_maps(point_map, input_hw: tuple[int, int], batch: int) -> list:
+    maps = point_map if point_map.ndim == 3 else point_map[None]
+    if tuple(maps.shape[-2:]) != tuple(input_hw) or maps.shape[0] not in (1, batch):
+        raise InputError(f"point map must be [H,W] or [B,H,W] with H,W = {tuple(input_hw)} and B = 1 or {batch}; "
+                         f"got {tuple(point_map.shape)}")
+    return list(maps) * (batch if maps.shape[0] == 1 else 1)
+
+
+def _check_noise(noise: torch.Tensor, latent_hw: tuple[int, int], batch: int) -> torch.Tensor:
+    expected = (LATENT_CHANNELS, *latent_hw)
+    if noise.ndim != 4 or tuple(noise.shape[1:]) != expected or noise.shape[0] not in (1, batch):
+        raise InputError(f"noise must be [1 or {batch},{expected[0]},{expected[1]},{expected[2]}] for this image and "
+                         f"processing size, got {tuple(noise.shape)}")
+    if not torch.isfinite(noise).all():
+        raise InputError("noise contains NaN or infinite values")
+    return noise.expand(batch, *expected)

@@ -1,0 +1,89 @@
+"""Load Edit2Perceive weights from whatever the user has, into one canonical form.
+
+The DiT may be a BFL single file (FLUX.1 Kontext as ComfyUI has it, possibly fp8), an E2P full checkpoint in
+DiffSynth naming, or a diffusers folder; task LoRAs may be in any key style ``checkpoints.lora`` reads. Everything
+is brought to BFL naming with the LoRAs merged, plus the architecture read from the shapes. The VAE is the Flux
+``ae.safetensors`` (BFL naming) or a diffusers ``vae`` folder.
+
+A DiT file may record the timestep-embedding variant it was trained with in its safetensors metadata under
+``e2p.time_embedding`` (``python -m train`` writes it); :func:`load_dit` returns it so callers can default to it.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import (
+    DiTArchitecture,
+    VAEArchitecture,
+    dequantize,
+    infer_dit_architecture,
+    infer_vae_architecture,
+    load_config_json,
+    load_diffusers_folder,
+    load_lora_file,
+    load_state_dict,
+    merge_lora,
+    read_metadata,
+    to_bfl,
+    vae_to_diffusers,
+)
+from .time_embedding import TimeEmbedding, check_time_embedding
+
+TIME_EMBEDDING_METADATA_KEY = "e2p.time_embedding"
+
+
+@dataclass
+class DiTWeights:
+    state_dict_bfl: dict[str, torch.Tensor]
+    architecture: DiTArchitecture
+    source_format: str  # "bfl" | "diffsynth" | "diffusers"
+    time_embedding: TimeEmbedding | None  # as recorded in the file, None when the file does not say
+
+
+@dataclass
+class VAEWeights:
+    state_dict_diffusers: dict[str, torch.Tensor]
+    architecture: VAEArchitecture
+
+
+def load_dit(
+    path: str | Path,
+    config: str | Path | dict[str, Any] | None = None,
+    loras: list[tuple[str | Path, float]] = (),
+    fp8_dtype: torch.dtype = torch.bfloat16,
+) -> DiTWeights:
+    """Any DiT checkpoint -> BFL-named state dict with the LoRAs (path, strength) merged, and its architecture.
+
+    ``config`` is a diffusers-style ``config.json`` (path or dict) for non-standard sizes; a diffusers folder brings
+    its own. fp8 weights are upcast to ``fp8_dtype`` (scaled-fp8 scales applied).
+    """
+    path = Path(path)
+    if path.is_dir():
+        state_dict, folder_config = load_diffusers_folder(path, subfolder="transformer")
+        metadata = {}
+    else:
+        state_dict, folder_config = load_state_dict(path), {}
+        metadata = read_metadata(path) if path.suffix in (".safetensors", ".sft") else {}
+    config = load_config_json(config) if isinstance(config, (str, Path)) else (config or folder_config)
+    state_dict_bfl, source_format = to_bfl(dequantize(state_dict, fp8_dtype))
+    architecture = infer_dit_architecture(state_dict_bfl, config)
+    for lora_path, strength in loras:
+        state_dict_bfl = merge_lora(state_dict_bfl, load_lora_file(lora_path, architecture.mlp_ratio), strength)
+    recorded = metadata.get(TIME_EMBEDDING_METADATA_KEY)
+    time_embedding = check_time_embedding(recorded) if recorded is not None else None
+    return DiTWeights(state_dict_bfl, architecture, source_format, time_embedding)
+
+
+def load_vae(path: str | Path, config: str | Path | dict[str, Any] | None = None) -> VAEWeights:
+    """The Flux VAE (BFL ``ae.safetensors`` or a diffusers folder) in diffusers naming, and its architecture."""
+    path = Path(path)
+    if path.is_dir():
+        state_dict, folder_config = load_diffusers_folder(path, subfolder="vae")
+    else:
+        state_dict, folder_config = load_state_dict(path), {}
+    config = load_config_json(config) if isinstance(config, (str, Path)) else (config or folder_config)
+    state_dict_diffusers = vae_to_diffusers(state_dict)
+    return VAEWeights(state_dict_diffusers, infer_vae_architecture(state_dict_diffusers, config))
