@@ -192,13 +192,12 @@ def _save_view(path: str, args, result: Perception) -> None:
     if path.endswith(".npy"):
         np.save(path, view.astype(np.float32))
         return
-    import cv2
+    from PIL import Image
 
-    png16 = np.round(np.clip(view, 0, 1) * 65535).astype(np.uint16)
-    if png16.ndim == 3:
-        png16 = png16[:, :, ::-1]  # OpenCV writes BGR
-    if not cv2.imwrite(path, png16):
-        raise InputError(f"could not write {path}")
+    if view.ndim == 3:  # normal maps: 8-bit RGB, what every normal-map consumer reads
+        Image.fromarray(np.round(np.clip(view, 0, 1) * 255).astype(np.uint8)).save(path, format="PNG")
+    else:  # depth and alpha: 16-bit grayscale keeps the fine gradations 8 bits would band
+        Image.fromarray(np.round(np.clip(view, 0, 1) * 65535).astype(np.uint16)).save(path, format="PNG")
 
 
 # ------------------------------------------------------------------------------------------------------- convert
@@ -280,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matting-prompt", choices=("training", "inference_py"), default="training",
                    help="matting prompt: the training caption (default) or the reference inference.py one")
     p.add_argument("--image", required=True, help="input image (RGB; grayscale and RGBA are converted)")
-    p.add_argument("--out", required=True, help="output map: .png (16-bit) or .npy (float32)")
+    p.add_argument("--out", required=True, help="output map: .png (16-bit gray for depth/alpha, 8-bit RGB for "
+                                                "normals) or .npy (float32)")
     p.add_argument("--raw", help="also write velocity, latent, decoded, output (and point_map) to this safetensors")
     p.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, the paper's setting)")
     p.add_argument("--seed", type=int, default=42, help="noise seed (default 42, as the reference)")

@@ -1,0 +1,45 @@
+"""Shared test data: the official-code parity fixtures (tests/fixtures/e2p_tiny, see its README) and files the
+tests derive from them (prompt embeddings, the tiny DiT's config.json)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from e2p_core.prompts import PromptEmbeddings, save_prompt_embeddings
+
+FIXTURES = Path(__file__).parent / "fixtures" / "e2p_tiny"
+MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
+TINY_DIT_CONFIG = {"axes_dims_rope": MANIFEST["tiny_config"]["rope_axes_dim"]}  # the one thing shapes cannot tell
+
+
+@pytest.fixture(scope="session")
+def inputs_npz():
+    return dict(np.load(FIXTURES / "inputs.npz"))
+
+
+@pytest.fixture(scope="session")
+def dit_config_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "config.json"
+    path.write_text(json.dumps(TINY_DIT_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prompt_files(tmp_path_factory, inputs_npz) -> dict[str, Path]:
+    """One prompt-embeddings file per task, holding the fixture's random stand-ins for T5 and CLIP."""
+    folder = tmp_path_factory.mktemp("prompts")
+    files = {}
+    for task in ("depth", "normal", "matting"):
+        embeddings = PromptEmbeddings(torch.from_numpy(inputs_npz[f"{task}_t5_emb"]),
+                                      torch.from_numpy(inputs_npz[f"{task}_pooled_emb"]), MANIFEST["prompts"][task])
+        files[task] = folder / f"{task}.safetensors"
+        save_prompt_embeddings(embeddings, files[task])
+    return files
+
+
+def load_run(name: str) -> dict[str, torch.Tensor]:
+    return load_file(FIXTURES / f"run_{name}.safetensors")

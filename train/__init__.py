@@ -1,0 +1,1 @@
+"""``python -m train``: fine-tune FLUX.1 Kontext into an Edit2Perceive perceiver."""
