@@ -1,0 +1,271 @@
+"""Text conditioning of the DiT: the task prompt encoded by CLIP-L and T5-XXL, and its on-disk form.
+
+Edit2Perceive is conditioned on one fixed caption per task (``tasks.TASKS``), encoded as FLUX does it (E2P-SPEC §1.2):
+
+* CLIP-L: tokens padded/truncated to 77; the pooled vector is ``CLIPTextModel.pooler_output`` (the final-layer-norm
+  hidden state at the EOS position) -> ``pooled_prompt_embeds`` [1, P] (P = 768 for FLUX).
+* T5-XXL: tokens padded/truncated to 512; ``last_hidden_state`` with no attention mask, so the padding positions are
+  part of the conditioning exactly as in training -> ``prompt_embeds`` [1, L, D] (L = 512, D = 4096 for FLUX).
+* ``text_ids`` are zeros [L, 3].
+
+Because the prompt never changes, the ~10 GB T5 has to run once per prompt only: the result is stored in a small
+safetensors file (format ``e2p-prompt-embeds-v1``):
+
+* tensors: exactly ``prompt_embeds`` [1, L, D] and ``pooled_prompt_embeds`` [1, P], floating point, finite;
+* metadata: ``format`` = ``e2p-prompt-embeds-v1`` and ``prompt`` = the encoded text (both optional when loading).
+
+This module must stay importable without ``transformers`` (ComfyUI imports it with every node): ``transformers`` is
+imported only when an encoder is actually loaded.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import safetensors
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError, E2PError, InputError
+
+if TYPE_CHECKING:  # for the annotations only: importing transformers at run time is deferred to the encoders
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+FORMAT = "e2p-prompt-embeds-v1"
+CLIP_MAX_LENGTH = 77
+T5_MAX_LENGTH = 512
+
+# Subfolders of a diffusers FLUX(.1-Kontext-dev) repository that hold the two text encoders and their tokenizers.
+CLIP_MODEL_DIR, CLIP_TOKENIZER_DIR = "text_encoder", "tokenizer"
+T5_MODEL_DIR, T5_TOKENIZER_DIR = "text_encoder_2", "tokenizer_2"
+ENCODER_SUBFOLDERS = (CLIP_MODEL_DIR, CLIP_TOKENIZER_DIR, T5_MODEL_DIR, T5_TOKENIZER_DIR)
+
+_TENSOR_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class PromptEmbeddings:
+    prompt_embeds: torch.Tensor  # [1, L, D] T5 last hidden state
+    pooled_prompt_embeds: torch.Tensor  # [1, P] CLIP pooled output
+    prompt: str | None = None
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PromptEmbeddings":
+        return PromptEmbeddings(
+            self.prompt_embeds.to(device=device, dtype=dtype),
+            self.pooled_prompt_embeds.to(device=device, dtype=dtype),
+            self.prompt,
+        )
+
+    @property
+    def text_ids(self) -> torch.Tensor:
+        """Position ids [L, 3] of the text tokens: all zero (text has no image position)."""
+        seq_len = self.prompt_embeds.shape[1]
+        return torch.zeros(seq_len, 3, device=self.prompt_embeds.device, dtype=self.prompt_embeds.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+
+
+def load_prompt_embeddings(path: str | Path) -> PromptEmbeddings:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"prompt embeddings file {path.name!r} not found in {path.parent}{_folder_listing(path)}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            keys = sorted(handle.keys())
+            metadata = handle.metadata() or {}
+    except (OSError, safetensors.SafetensorError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    if keys != sorted(_TENSOR_KEYS):
+        raise CheckpointError(
+            f"{path}: a prompt embeddings file holds exactly the tensors {list(_TENSOR_KEYS)}; this one has {keys}"
+        )
+    if metadata.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"{path}: format {metadata['format']!r} is not {FORMAT!r}")
+    tensors = load_file(str(path))
+    _check_tensors(tensors["prompt_embeds"], tensors["pooled_prompt_embeds"], str(path), CheckpointError)
+    return PromptEmbeddings(tensors["prompt_embeds"], tensors["pooled_prompt_embeds"], metadata.get("prompt"))
+
+
+def save_prompt_embeddings(embeddings: PromptEmbeddings, path: str | Path) -> None:
+    """Write ``embeddings`` to ``path`` atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    _check_tensors(embeddings.prompt_embeds, embeddings.pooled_prompt_embeds, "prompt embeddings to save", InputError)
+    tensors = {key: getattr(embeddings, key).detach().to("cpu").contiguous() for key in _TENSOR_KEYS}
+    metadata = {"format": FORMAT}
+    if embeddings.prompt is not None:
+        metadata["prompt"] = embeddings.prompt
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary file lives in the target folder so that os.replace is a rename on one filesystem (atomic).
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temp_name, metadata=metadata)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _check_tensors(
+    prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, source: str, error: type[E2PError]
+) -> None:
+    for name, tensor, rank, layout in (
+        ("prompt_embeds", prompt_embeds, 3, "[1, L, D]"),
+        ("pooled_prompt_embeds", pooled_prompt_embeds, 2, "[1, P]"),
+    ):
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise error(f"{source}: {name} has dtype {tensor.dtype}; expected a floating point tensor {layout}")
+        if tensor.ndim != rank or tensor.shape[0] != 1 or tensor.numel() == 0:
+            raise error(f"{source}: {name} has shape {list(tensor.shape)}; expected {layout} (one prompt)")
+        if not torch.isfinite(tensor).all():
+            raise error(f"{source}: {name} contains NaN or infinite values")
+
+
+def _folder_listing(path: Path) -> str:
+    if not path.parent.is_dir():
+        return " (that folder does not exist)"
+    present = sorted(entry.name for entry in path.parent.glob("*.safetensors"))
+    return f"; safetensors files there: {present}" if present else "; there are no safetensors files there"
+
+
+# ------------------------------------------------------------------------------------------------------- encoding
+
+
+def encode_prompts(
+    prompts: list[str],
+    text_encoders: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[PromptEmbeddings]:
+    """Encode each prompt with CLIP-L and T5 from a diffusers FLUX folder; the encoders are freed on return.
+
+    The encoders run one after the other (never both in memory), each prompt on its own, so a prompt gets the same
+    embeddings whatever else is in the list.
+    """
+    if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
+        raise InputError(f"prompts must be a list of strings; got {prompts!r}")
+    folder = _text_encoder_folder(text_encoders)
+    if not prompts:
+        return []
+    pooled_per_prompt = _run_clip(prompts, folder, device, dtype)  # each [1, P]
+    embeds_per_prompt = _run_t5(prompts, folder, device, dtype)  # each [1, L, D]
+    return [
+        PromptEmbeddings(embeds, pooled, prompt)
+        for prompt, embeds, pooled in zip(prompts, embeds_per_prompt, pooled_per_prompt, strict=True)
+    ]
+
+
+def _text_encoder_folder(text_encoders: str | Path) -> Path:
+    folder = Path(text_encoders)
+    missing = [name for name in ENCODER_SUBFOLDERS if not (folder / name).is_dir()]
+    if missing:
+        where = "does not exist" if not folder.is_dir() else f"lacks the subfolders {missing}"
+        raise CheckpointError(
+            f"text encoder folder {folder} {where}; expected a diffusers FLUX layout (as FLUX.1-Kontext-dev) with the "
+            f"subfolders {list(ENCODER_SUBFOLDERS)} (CLIP-L model + tokenizer, T5-XXL model + tokenizer)"
+        )
+    return folder
+
+
+def _run_clip(prompts: list[str], folder: Path, device: torch.device | str, dtype: torch.dtype) -> list[torch.Tensor]:
+    from transformers import CLIPTextModel
+
+    tokenizer, model = _load_encoder(CLIPTextModel, folder / CLIP_MODEL_DIR, folder / CLIP_TOKENIZER_DIR, dtype)
+    model.to(device)
+    pooled_per_prompt = []
+    with torch.no_grad():
+        for prompt in prompts:
+            token_ids = _tokenize(tokenizer, prompt, CLIP_MAX_LENGTH).to(device)  # [1, 77]
+            pooled_per_prompt.append(model(input_ids=token_ids).pooler_output)  # [1, P]
+    del model  # the last reference: the weights are freed before T5 is loaded
+    _release_cached_memory(device)
+    return pooled_per_prompt
+
+
+def _run_t5(prompts: list[str], folder: Path, device: torch.device | str, dtype: torch.dtype) -> list[torch.Tensor]:
+    from transformers import T5EncoderModel
+
+    tokenizer, model = _load_encoder(T5EncoderModel, folder / T5_MODEL_DIR, folder / T5_TOKENIZER_DIR, dtype)
+    model.to(device)
+    embeds_per_prompt = []
+    with torch.no_grad():
+        for prompt in prompts:
+            token_ids = _tokenize(tokenizer, prompt, T5_MAX_LENGTH).to(device)  # [1, 512]
+            # No attention mask: FLUX attends to the padding tokens too, in T5 and in the DiT.
+            embeds_per_prompt.append(model(input_ids=token_ids).last_hidden_state)  # [1, 512, D]
+    del model
+    _release_cached_memory(device)
+    return embeds_per_prompt
+
+
+def _load_encoder(
+    model_class: type["PreTrainedModel"], model_dir: Path, tokenizer_dir: Path, dtype: torch.dtype
+) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot load the tokenizer in {tokenizer_dir}: {error}") from error
+    try:
+        model = model_class.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, safetensors.SafetensorError) as error:
+        raise CheckpointError(f"cannot load a {model_class.__name__} from {model_dir}: {error}") from error
+    return tokenizer, model
+
+
+def _tokenize(tokenizer: "PreTrainedTokenizerBase", prompt: str, max_length: int) -> torch.Tensor:
+    encoded = tokenizer([prompt], max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")
+    return encoded.input_ids
+
+
+def _release_cached_memory(device: torch.device | str) -> None:
+    # Hand the freed encoder weights back to the driver so that the DiT (or ComfyUI's allocator) can use them.
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------- cache
+
+
+def cached_prompt_embeddings(
+    prompt: str,
+    text_encoders: str | Path,
+    cache_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> PromptEmbeddings:
+    """The embeddings of ``prompt``, encoded once and then read from ``cache_dir`` without loading any encoder.
+
+    An entry is keyed by the prompt, the dtype the encoders ran in, the format version and the identity of the encoder
+    files (names, sizes, modification times), so replacing the encoders re-encodes; moving the folder does not.
+    """
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt must be a string; got {prompt!r}")
+    folder = _text_encoder_folder(text_encoders)
+    cache_file = Path(cache_dir) / f"{_cache_key(prompt, folder, dtype)}.safetensors"
+    if cache_file.is_file():
+        cached = load_prompt_embeddings(cache_file)
+        if cached.prompt == prompt:  # guards against a hand-copied file under a colliding name
+            return cached.to(device, dtype)
+    (embeddings,) = encode_prompts([prompt], folder, device, dtype)
+    save_prompt_embeddings(embeddings, cache_file)
+    return embeddings
+
+
+def _cache_key(prompt: str, folder: Path, dtype: torch.dtype) -> str:
+    # stat() only: hashing the weights themselves would read ~10 GB on every call.
+    encoder_files = [
+        [file.relative_to(folder).as_posix(), file.stat().st_size, file.stat().st_mtime_ns]
+        for name in ENCODER_SUBFOLDERS
+        for file in sorted((folder / name).rglob("*"))
+        if file.is_file()
+    ]
+    identity = {"format": FORMAT, "prompt": prompt, "dtype": str(dtype), "encoder_files": encoder_files}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:32]
