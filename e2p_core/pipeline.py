@@ -192,8 +192,9 @@ def _as_point_maps(point_map, input_hw: tuple[int, int], batch: int) -> list:
 def _check_noise(noise: torch.Tensor, latent_hw: tuple[int, int], batch: int) -> torch.Tensor:
     expected = (LATENT_CHANNELS, *latent_hw)
     if noise.ndim != 4 or tuple(noise.shape[1:]) != expected or noise.shape[0] not in (1, batch):
-        raise InputError(f"noise must be [1 or {batch},{expected[0]},{expected[1]},{expected[2]}] for this image and "
-                         f"processing size, got {tuple(noise.shape)}")
+        shape = ",".join(map(str, expected))
+        allowed = f"[1,{shape}]" + (f" or [{batch},{shape}]" if batch > 1 else "")
+        raise InputError(f"noise must be {allowed} for this image and processing size, got {list(noise.shape)}")
     if not torch.isfinite(noise).all():
         raise InputError("noise contains NaN or infinite values")
     return noise.expand(batch, *expected)
