@@ -369,3 +369,31 @@ def test_cache_hit_is_moved_to_the_requested_device(encoder_copy: Path, tmp_path
     # "meta" stands in for an accelerator: the encoders could not run there, so only a cache hit can return it.
     hit = cached_prompt_embeddings(DEPTH, encoder_copy, cache, device="meta")
     assert hit.prompt_embeds.device.type == hit.pooled_prompt_embeds.device.type == hit.text_ids.device.type == "meta"
+
+
+def test_embed_prompts_cli_writes_one_file_per_task(encoders: TinyEncoders, tmp_path: Path) -> None:
+    from e2p_core.cli import main
+
+    assert main(["embed-prompts", "--text-encoders", str(encoders.folder), "--out-dir", str(tmp_path),
+                 "--task", "depth", "matting", "--matting-prompt", "inference_py"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["depth.safetensors", "matting.safetensors"]
+    for task, prompt in (("depth", DEPTH), ("matting", MATTING_PROMPT_INFERENCE_PY)):
+        loaded = load_prompt_embeddings(tmp_path / f"{task}.safetensors")
+        expected_t5, expected_pooled = encoders.expected(prompt)
+        assert loaded.prompt == prompt
+        torch.testing.assert_close(loaded.prompt_embeds, expected_t5)
+        torch.testing.assert_close(loaded.pooled_prompt_embeds, expected_pooled)
+
+
+def test_predict_encodes_its_prompt_once_through_the_cache(encoders: TinyEncoders, tmp_path: Path, monkeypatch) -> None:
+    """``predict --text-encoders`` with a cache dir: the second run reads the cache (T5 is loaded once, ever)."""
+    from e2p_core import cli
+
+    calls = _count_encodings(monkeypatch)
+    args = cli.build_parser().parse_args(["predict", "--task", "normal", "--dit", "x", "--vae", "y", "--image", "z",
+                                          "--out", "o.png", "--text-encoders", str(encoders.folder),
+                                          "--cache-dir", str(tmp_path), "--dtype", "fp32", "--device", "cpu"])
+    first = cli._prompt_embeddings(args, torch.device("cpu"), torch.float32)
+    second = cli._prompt_embeddings(args, torch.device("cpu"), torch.float32)
+    assert len(calls) == 1 and calls[0] == [NORMAL]
+    torch.testing.assert_close(first.prompt_embeds, second.prompt_embeds, rtol=0, atol=0)
