@@ -204,7 +204,6 @@ def _save_view(path: str, args, result: Perception) -> None:
 
 
 def convert(args: argparse.Namespace) -> None:
-    tensors = load_state_dict(args.input)
     metadata = None
     if args.kind == "dit":
         from .weights import load_dit
@@ -214,7 +213,8 @@ def convert(args: argparse.Namespace) -> None:
         if dit.time_embedding:
             metadata = {TIME_EMBEDDING_METADATA_KEY: dit.time_embedding}
     elif args.kind == "vae":
-        tensors = vae_to_diffusers(tensors) if args.to == "diffusers" else vae_diffusers_to_bfl(vae_to_diffusers(tensors))
+        tensors = vae_to_diffusers(load_state_dict(args.input))
+        tensors = tensors if args.to == "diffusers" else vae_diffusers_to_bfl(tensors)
     else:
         lora = load_lora_file(args.input)
         writers = {"kohya": lambda: (lora_to_kohya(lora), None), "diffsynth": lambda: (lora_to_diffsynth_peft(lora), None),

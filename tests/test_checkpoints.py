@@ -387,8 +387,10 @@ def test_vae_unknown_keys_are_errors(vae_bfl):
 
 
 def test_dit_architecture_needs_axes_for_non_flux_head_dim(dit_bfl):
+    unknown_axes = ckpt.infer_dit_architecture(dit_bfl)
+    assert unknown_axes.axes_dims_rope is None
     with pytest.raises(CheckpointError) as err:
-        ckpt.infer_dit_architecture(dit_bfl)
+        unknown_axes.to_diffusers_config()
     assert "axes_dims_rope" in str(err.value) and "config.json" in str(err.value)
     arch = ckpt.infer_dit_architecture(dit_bfl, {"axes_dims_rope": [4, 6, 6], "_class_name": "FluxTransformer2DModel",
                                                  "_diffusers_version": "0.42.1", "num_layers": 2})

@@ -37,10 +37,15 @@ class DiTArchitecture:
     pooled_dim: int  # CLIP pooled width
     guidance_embeds: bool
     mlp_ratio: float
-    axes_dims_rope: tuple[int, ...]
+    axes_dims_rope: tuple[int, ...] | None  # None: not FLUX's split and no config gave it (conversion still works)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """Keyword arguments for ``diffusers.FluxTransformer2DModel``."""
+        if self.axes_dims_rope is None:
+            raise CheckpointError(
+                f"cannot infer the RoPE axes for head dim {self.head_dim} (FLUX's {FLUX_AXES_DIMS_ROPE} sum to "
+                f"{sum(FLUX_AXES_DIMS_ROPE)}); pass a diffusers-style config.json with 'axes_dims_rope'"
+            )
         if self.mlp_ratio != DIFFUSERS_FLUX_MLP_RATIO:
             raise CheckpointError(f"this DiT has MLP ratio {self.mlp_ratio}; diffusers' FluxTransformer2DModel "
                                   f"only supports {DIFFUSERS_FLUX_MLP_RATIO}")
@@ -94,7 +99,11 @@ class VAEArchitecture:
 
 
 def infer_dit_architecture(sd_bfl: dict[str, torch.Tensor], config: dict[str, Any] | None = None) -> DiTArchitecture:
-    """Read a BFL-named DiT's sizes from its shapes; ``config`` (diffusers keys) supplies RoPE axes and is checked."""
+    """Read a BFL-named DiT's sizes from its shapes; ``config`` (diffusers keys) supplies RoPE axes and is checked.
+
+    Without a config the axes are FLUX's (16, 56, 56) when they fit the head dim, else unknown (``None``): enough to
+    convert or merge weights; building the model then asks for the config.
+    """
     config = config or {}
     img_in = _shape(sd_bfl, "img_in.weight")
     hidden, in_channels = img_in
@@ -121,12 +130,7 @@ def infer_dit_architecture(sd_bfl: dict[str, torch.Tensor], config: dict[str, An
     _check_config(config, found, defaults={"out_channels": None})
     axes = tuple(int(a) for a in config.get("axes_dims_rope") or ())
     if not axes:
-        if sum(FLUX_AXES_DIMS_ROPE) != head_dim:
-            raise CheckpointError(
-                f"cannot infer the RoPE axes for head dim {head_dim} (FLUX's {FLUX_AXES_DIMS_ROPE} sum to "
-                f"{sum(FLUX_AXES_DIMS_ROPE)}); pass a diffusers-style config.json with 'axes_dims_rope'"
-            )
-        axes = FLUX_AXES_DIMS_ROPE
+        axes = FLUX_AXES_DIMS_ROPE if sum(FLUX_AXES_DIMS_ROPE) == head_dim else None
     elif sum(axes) != head_dim:
         raise CheckpointError(f"config axes_dims_rope={list(axes)} sums to {sum(axes)}, but the checkpoint's head dim "
                               f"is {head_dim}")
