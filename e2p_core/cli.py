@@ -13,11 +13,11 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from .checkpoints import (
     convert_dit,
@@ -27,6 +27,7 @@ from .checkpoints import (
     lora_to_diffusers_peft,
     lora_to_kohya,
     save_safetensors_atomic,
+    stage_file,
     vae_diffusers_to_bfl,
     vae_to_diffusers,
 )
@@ -55,6 +56,9 @@ def predict(args: argparse.Namespace) -> None:
     from .weights import load_dit, load_vae
 
     # Read and check every input before loading models, so a typo costs nothing and nothing is written.
+    _check_output_path(args.out, (".png", ".npy"), "--out")
+    if args.raw:
+        _check_output_path(args.raw, (".safetensors",), "--raw")
     image = load_image_rgb(args.image)
     clicks, point_map = _point_prompt(args, image.shape[:2])
     noise = _read_tensor_file(args.noise, "noise") if args.noise else None
@@ -77,6 +81,13 @@ def predict(args: argparse.Namespace) -> None:
             on_step=lambda i, n: logger.info("step %d/%d", i + 1, n),
         )
     _write_outputs(args, result)
+
+
+def _check_output_path(path: str, suffixes: tuple[str, ...], flag: str) -> None:
+    if Path(path).suffix.lower() not in suffixes:
+        raise InputError(f"{flag} {path}: expected a {' or '.join(suffixes)} file")
+    if Path(path).is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file name")
 
 
 def _prompt_embeddings(args, device, dtype):
@@ -121,6 +132,8 @@ def _read_point_map(path: str, image_hw) -> np.ndarray:
     """A soft point map in [0,1]: a PNG (8 or 16 bit, grayscale) or safetensors with key ``point_map`` [H,W]."""
     if path.endswith(".safetensors"):
         point_map = _read_tensor_file(path, "point_map").float().numpy()
+        while point_map.ndim > 2 and point_map.shape[0] == 1:  # tolerate [1,H,W] and [1,1,H,W]
+            point_map = point_map[0]
     else:
         from PIL import Image
 
@@ -146,37 +159,32 @@ def _read_tensor_file(path: str, key: str) -> torch.Tensor:
 
 
 def _write_outputs(args, result: Perception) -> None:
-    """Write --out (and --raw) via temp files, renamed only once both are complete."""
-    pending = [(_write_temp(args.out, lambda tmp: _save_view(tmp, args, result)), args.out)]
+    """Stage --out (and --raw) as temp files and publish them only once all are complete."""
+    writers = {args.out: lambda tmp: _save_view(tmp, args, result)}
     if args.raw:
+        # The algorithm's stages, all on the processing grid like the reference's own tensors.
         raw = {"velocity": result.velocity, "latent": result.latent, "decoded": result.decoded,
-               "output": result.output}
+               "output": result.postprocessed}
         if result.point_map is not None:
             raw["point_map"] = result.point_map
         raw = {key: value.detach().cpu().contiguous() for key, value in raw.items()}
-        pending.append((_write_temp(args.raw, lambda tmp: save_safetensors_atomic(raw, tmp, _raw_metadata(args))),
-                        args.raw))
-    for temp, final in pending:
+        writers[args.raw] = lambda tmp: save_file(raw, tmp, metadata=_raw_metadata(args))
+    staged = {}
+    try:
+        for final, write in writers.items():
+            staged[final] = stage_file(final, write)
+    except BaseException:
+        for temp in staged.values():
+            temp.unlink(missing_ok=True)
+        raise
+    for final, temp in staged.items():
         os.replace(temp, final)
-    logger.info("wrote %s", ", ".join(final for _, final in pending))
+    logger.info("wrote %s", ", ".join(staged))
 
 
 def _raw_metadata(args) -> dict[str, str]:
     keys = ("task", "steps", "seed", "resize", "resolution", "dtype", "time_embedding")
     return {"e2p.args": json.dumps({key: getattr(args, key) for key in keys})}
-
-
-def _write_temp(final: str, write) -> str:
-    folder = Path(final).resolve().parent
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{Path(final).name}.", suffix=Path(final).suffix)
-    os.close(handle)
-    try:
-        write(temp)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return temp
 
 
 def _save_view(path: str, args, result: Perception) -> None:
@@ -281,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="input image (RGB; grayscale and RGBA are converted)")
     p.add_argument("--out", required=True, help="output map: .png (16-bit gray for depth/alpha, 8-bit RGB for "
                                                 "normals) or .npy (float32)")
-    p.add_argument("--raw", help="also write velocity, latent, decoded, output (and point_map) to this safetensors")
+    p.add_argument("--raw", help="also write the stages velocity, latent, decoded, output (and point_map), at the "
+                                 "processing size, to this safetensors file")
     p.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, the paper's setting)")
     p.add_argument("--seed", type=int, default=42, help="noise seed (default 42, as the reference)")
     p.add_argument("--noise", help="safetensors with key 'noise' [1,16,h,w] to use instead of seeded noise")

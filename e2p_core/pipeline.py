@@ -58,6 +58,7 @@ class Perception:
     """Everything one run produced; all batch-first."""
 
     output: torch.Tensor  # float32 [B,C,H,W] at the input size: depth_affine01 / normals_e2p / alpha
+    postprocessed: torch.Tensor  # float32 [B,C,Hp,Wp]: the same at the processing size (the reference's output)
     decoded: torch.Tensor  # model dtype [B,3,Hp,Wp]: raw VAE output at the processing size
     latent: torch.Tensor  # float32 [B,16,h,w]: final latent, before the cast for decoding
     velocity: torch.Tensor  # model dtype [B,16,h,w]: first-step DiT velocity of the target
@@ -130,10 +131,11 @@ def perceive(
 
     # 5. Decode, postprocess in the decoder dtype, and return to the input size.
     decoded = codec.decode(latent.to(dtype))  # [B,3,Hp,Wp]
-    output = restore(postprocess(spec, decoded), geometry)  # [B,C,H,W]
+    postprocessed = postprocess(spec, decoded)  # [B,C,Hp,Wp]
+    output = restore(postprocessed, geometry)  # [B,C,H,W]
     if spec.name == "normal" and geometry.resized_hw != geometry.input_hw:
         output = output / (output.norm(dim=1, keepdim=True) + NORMAL_EPS)  # interpolation shortens the vectors
-    return Perception(output, decoded, latent, first_velocity, soft_point_map, geometry)
+    return Perception(output, postprocessed, decoded, latent, first_velocity, soft_point_map, geometry)
 
 
 def postprocess(task: Task, decoded: torch.Tensor) -> torch.Tensor:

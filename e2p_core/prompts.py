@@ -20,6 +20,7 @@ imported only when an encoder is actually loaded.
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -28,12 +29,14 @@ from typing import TYPE_CHECKING
 
 import safetensors
 import torch
-from safetensors.torch import load_file, save_file
 
+from .checkpoints.io import save_safetensors_atomic
 from .errors import CheckpointError, E2PError, InputError
 
 if TYPE_CHECKING:  # for the annotations only: importing transformers at run time is deferred to the encoders
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "e2p-prompt-embeds-v1"
 CLIP_MAX_LENGTH = 77
@@ -81,35 +84,28 @@ def load_prompt_embeddings(path: str | Path) -> PromptEmbeddings:
             metadata = handle.metadata() or {}
     except (OSError, safetensors.SafetensorError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
-    if keys != sorted(_TENSOR_KEYS):
+    if not set(_TENSOR_KEYS) <= set(keys):
         raise CheckpointError(
-            f"{path}: a prompt embeddings file holds exactly the tensors {list(_TENSOR_KEYS)}; this one has {keys}"
+            f"{path}: a prompt embeddings file holds the tensors {list(_TENSOR_KEYS)}; this one has {keys}"
         )
+    if len(keys) > len(_TENSOR_KEYS):  # e.g. text_ids, which are always zero anyway
+        logger.info("%s: ignoring the extra tensors %s", path, sorted(set(keys) - set(_TENSOR_KEYS)))
     if metadata.get("format", FORMAT) != FORMAT:
         raise CheckpointError(f"{path}: format {metadata['format']!r} is not {FORMAT!r}")
-    tensors = load_file(str(path))
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in _TENSOR_KEYS}
     _check_tensors(tensors["prompt_embeds"], tensors["pooled_prompt_embeds"], str(path), CheckpointError)
     return PromptEmbeddings(tensors["prompt_embeds"], tensors["pooled_prompt_embeds"], metadata.get("prompt"))
 
 
 def save_prompt_embeddings(embeddings: PromptEmbeddings, path: str | Path) -> None:
     """Write ``embeddings`` to ``path`` atomically: a reader never sees a half-written file."""
-    path = Path(path)
     _check_tensors(embeddings.prompt_embeds, embeddings.pooled_prompt_embeds, "prompt embeddings to save", InputError)
-    tensors = {key: getattr(embeddings, key).detach().to("cpu").contiguous() for key in _TENSOR_KEYS}
+    tensors = {key: getattr(embeddings, key).detach().to("cpu") for key in _TENSOR_KEYS}
     metadata = {"format": FORMAT}
     if embeddings.prompt is not None:
         metadata["prompt"] = embeddings.prompt
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file lives in the target folder so that os.replace is a rename on one filesystem (atomic).
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp_name, metadata=metadata)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic(tensors, path, metadata)
 
 
 def _check_tensors(

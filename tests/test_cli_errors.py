@@ -124,6 +124,15 @@ def test_bad_points(capsys, tmp_path, prompt_files, dit_config_file, points, fra
                  __prompt_embeds=str(prompt_files["matting"]), __points=points)
 
 
+def test_output_paths_are_checked_before_any_work(capsys, tmp_path, prompt_files, dit_config_file):
+    (tmp_path / "out" / "raw.safetensors").mkdir(parents=True)
+    status, _ = run_cli(tmp_path, prompt_files, dit_config_file)
+    assert status == 2 and "is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["raw.safetensors"]  # the folder, nothing else
+    expect_error(capsys, tmp_path / "jpg", prompt_files, dit_config_file, ".png or .npy",
+                 __out=str(tmp_path / "jpg" / "out" / "map.jpg"))
+
+
 def test_nan_noise_and_wrong_noise_shape(capsys, tmp_path, prompt_files, dit_config_file):
     nan_noise = tmp_path / "nan.safetensors"
     save_file({"noise": torch.full((1, 16, 6, 8), float("nan"))}, nan_noise)

@@ -18,6 +18,8 @@ from .io import (
     load_state_dict,
     read_metadata,
     save_safetensors_atomic,
+    stage_file,
+    write_atomically,
 )
 from .lora import (
     LoraPair,
@@ -36,6 +38,7 @@ __all__ = [
     "dequantize", "diffsynth_to_bfl", "diffusers_to_bfl", "infer_dit_architecture", "infer_vae_architecture",
     "load_config_json", "load_diffusers_folder", "load_lora", "load_lora_file", "load_state_dict",
     "lora_to_diffsynth_peft", "lora_to_diffusers_peft", "lora_to_kohya", "merge_lora", "read_metadata",
-    "save_safetensors_atomic", "sniff_dit_format", "sniff_lora_format", "sniff_vae_format", "strip_prefixes",
+    "save_safetensors_atomic", "sniff_dit_format", "sniff_lora_format", "sniff_vae_format", "stage_file",
+    "strip_prefixes", "write_atomically",
     "to_bfl", "vae_bfl_to_diffusers", "vae_diffusers_to_bfl", "vae_to_diffusers",
 ]

@@ -13,7 +13,7 @@ import re
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -73,33 +73,47 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(_read_safetensors_header(path).get("__metadata__") or {})
 
 
+def stage_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Run ``write(temp_path)`` on a temporary file beside ``path`` and return it, complete and synced.
+
+    The caller makes it visible with ``os.replace(temp, path)`` (same folder, so the rename is atomic); staging
+    several files first lets a command publish all of its outputs or none.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp_name)
+        with open(tmp_name, "rb+") as handle:
+            os.fsync(handle.fileno())  # data on disk before the rename makes it visible
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a saved file should be readable like any other
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return Path(tmp_name)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write`` to ``path`` so that a crash or error never leaves a half-written or clobbered file."""
+    os.replace(stage_file(path, write), path)
+
+
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write ``tensors`` to ``path`` so that a crash or error never leaves a half-written or clobbered file.
-
-    The data goes to a temporary file in the same folder (same filesystem, so ``os.replace`` is atomic).
-    """
+    """Write ``tensors`` (and string ``metadata``) to ``path`` atomically; see :func:`write_atomically`."""
     path = Path(path)
     bad = [key for key, value in tensors.items() if not isinstance(value, torch.Tensor)]
     if bad:
         raise CheckpointError(f"cannot save {path}: values of {bad[:3]} are not tensors")
     if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"cannot save {path}: safetensors metadata values must be strings")
-    path.parent.mkdir(parents=True, exist_ok=True)
     prepared = _unshared_contiguous(tensors)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(prepared, tmp_name, metadata=metadata)
-        with open(tmp_name, "rb+") as handle:
-            os.fsync(handle.fileno())  # data on disk before the rename makes it visible
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a saved model should be readable like any other file
-        os.replace(tmp_name, path)
+        write_atomically(path, lambda tmp_name: save_file(prepared, tmp_name, metadata=metadata))
     except Exception as exc:
         raise CheckpointError(f"could not write {path}: {exc}") from exc
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)  # gone already after a successful replace
 
 
 def load_config_json(path: str | os.PathLike) -> dict[str, Any]:
