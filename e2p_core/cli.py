@@ -225,7 +225,8 @@ def convert(args: argparse.Namespace) -> None:
         tensors = tensors if args.to == "diffusers" else vae_diffusers_to_bfl(tensors)
     else:
         lora = load_lora_file(args.input)
-        writers = {"kohya": lambda: (lora_to_kohya(lora), None), "diffsynth": lambda: (lora_to_diffsynth_peft(lora), None),
+        writers = {"kohya": lambda: (lora_to_kohya(lora), None),
+                   "diffsynth": lambda: (lora_to_diffsynth_peft(lora), None),
                    "diffusers": lambda: lora_to_diffusers_peft(lora)}
         if args.to not in writers:
             raise InputError(f"LoRAs convert to kohya, diffsynth or diffusers, not {args.to!r}")

@@ -149,8 +149,15 @@ def encode_prompts(
     folder = _text_encoder_folder(text_encoders)
     if not prompts:
         return []
-    pooled_per_prompt = _run_clip(prompts, folder, device, dtype)  # each [1, P]
-    embeds_per_prompt = _run_t5(prompts, folder, device, dtype)  # each [1, L, D]
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    # CLIP-L: the pooled vector (the final-layer-norm state at the end token), each [1, P].
+    pooled_per_prompt = _run_encoder(CLIPTextModel, folder / CLIP_MODEL_DIR, folder / CLIP_TOKENIZER_DIR,
+                                     CLIP_MAX_LENGTH, "pooler_output", prompts, device, dtype)
+    # T5: the last hidden state of all 512 tokens, each [1, 512, D]. No attention mask: FLUX attends to the padding
+    # tokens too, in T5 and in the DiT.
+    embeds_per_prompt = _run_encoder(T5EncoderModel, folder / T5_MODEL_DIR, folder / T5_TOKENIZER_DIR, T5_MAX_LENGTH,
+                                     "last_hidden_state", prompts, device, dtype)
     return [
         PromptEmbeddings(embeds, pooled, prompt)
         for prompt, embeds, pooled in zip(prompts, embeds_per_prompt, pooled_per_prompt, strict=True)
@@ -169,35 +176,21 @@ def _text_encoder_folder(text_encoders: str | Path) -> Path:
     return folder
 
 
-def _run_clip(prompts: list[str], folder: Path, device: torch.device | str, dtype: torch.dtype) -> list[torch.Tensor]:
-    from transformers import CLIPTextModel
-
-    tokenizer, model = _load_encoder(CLIPTextModel, folder / CLIP_MODEL_DIR, folder / CLIP_TOKENIZER_DIR, dtype)
+def _run_encoder(
+    model_class: type["PreTrainedModel"], model_dir: Path, tokenizer_dir: Path, max_length: int, output: str,
+    prompts: list[str], device: torch.device | str, dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """``output`` of one text encoder for each prompt, padded/truncated to ``max_length`` tokens."""
+    tokenizer, model = _load_encoder(model_class, model_dir, tokenizer_dir, dtype)
     model.to(device)
-    pooled_per_prompt = []
+    outputs = []
     with torch.no_grad():
         for prompt in prompts:
-            token_ids = _tokenize(tokenizer, prompt, CLIP_MAX_LENGTH).to(device)  # [1, 77]
-            pooled_per_prompt.append(model(input_ids=token_ids).pooler_output)  # [1, P]
-    del model  # the last reference: the weights are freed before T5 is loaded
+            token_ids = _tokenize(tokenizer, prompt, max_length).to(device)  # [1, max_length]
+            outputs.append(getattr(model(input_ids=token_ids), output))
+    del model  # the last reference: the weights are freed before the next encoder is loaded
     _release_cached_memory(device)
-    return pooled_per_prompt
-
-
-def _run_t5(prompts: list[str], folder: Path, device: torch.device | str, dtype: torch.dtype) -> list[torch.Tensor]:
-    from transformers import T5EncoderModel
-
-    tokenizer, model = _load_encoder(T5EncoderModel, folder / T5_MODEL_DIR, folder / T5_TOKENIZER_DIR, dtype)
-    model.to(device)
-    embeds_per_prompt = []
-    with torch.no_grad():
-        for prompt in prompts:
-            token_ids = _tokenize(tokenizer, prompt, T5_MAX_LENGTH).to(device)  # [1, 512]
-            # No attention mask: FLUX attends to the padding tokens too, in T5 and in the DiT.
-            embeds_per_prompt.append(model(input_ids=token_ids).last_hidden_state)  # [1, 512, D]
-    del model
-    _release_cached_memory(device)
-    return embeds_per_prompt
+    return outputs
 
 
 def _load_encoder(

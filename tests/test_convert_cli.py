@@ -45,7 +45,8 @@ def test_diffusers_export_round_trips_to_bfl(tmp_path):
     from safetensors.torch import save_file
 
     save_file(diffusers_sd, back / "in.safetensors")
-    assert main(["convert", "--input", str(back / "in.safetensors"), "--to", "bfl", "--output", str(back / "bfl.safetensors")]) == 0
+    assert main(["convert", "--input", str(back / "in.safetensors"), "--to", "bfl", "--output",
+                 str(back / "bfl.safetensors")]) == 0
     assert_same_tensors(load_file(back / "bfl.safetensors"), load_file(DIT_BFL))
 
 

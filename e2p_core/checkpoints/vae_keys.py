@@ -8,6 +8,7 @@ BFL but Linear [C,C] in diffusers. Level and resnet counts come from the keys; e
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -18,13 +19,53 @@ VAEFormat = Literal["bfl", "diffusers"]
 # Wrappers seen around VAE weights: SD-style single files and pipeline-style dumps.
 VAE_PREFIXES = ("first_stage_model.", "vae.", "ae.")
 
-_BFL_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_DIFFUSERS_ATTN = {v: k for k, v in _BFL_ATTN.items()}
 _BFL_MARKER = re.compile(r"^(encoder|decoder)\.(down|up|mid)\.")
 _BFL_ATTN_PROJECTION = re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
 _DIFFUSERS_MARKER = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\.")
 
-Rule = tuple[re.Pattern[str], Callable[[re.Match[str]], str]]
+# One table for both directions: (BFL template, diffusers template). Each {field} is described in _FIELDS.
+_KEY_TEMPLATES = [
+    ("{side}.conv_in.{param}", "{side}.conv_in.{param}"),
+    ("{side}.conv_out.{param}", "{side}.conv_out.{param}"),
+    ("{side}.norm_out.{param}", "{side}.conv_norm_out.{param}"),
+    ("encoder.down.{level}.block.{index}.{layer}.{param}",
+     "encoder.down_blocks.{level}.resnets.{index}.{layer}.{param}"),
+    ("encoder.down.{level}.downsample.conv.{param}", "encoder.down_blocks.{level}.downsamplers.0.conv.{param}"),
+    ("decoder.up.{up}.block.{index}.{layer}.{param}", "decoder.up_blocks.{up}.resnets.{index}.{layer}.{param}"),
+    ("decoder.up.{up}.upsample.conv.{param}", "decoder.up_blocks.{up}.upsamplers.0.conv.{param}"),
+    ("{side}.mid.block_{mid}.{layer}.{param}", "{side}.mid_block.resnets.{mid}.{layer}.{param}"),
+    ("{side}.mid.attn_1.{attn}.{param}", "{side}.mid_block.attentions.0.{attn}.{param}"),
+    ("{quant}.{param}", "{quant}.{param}"),
+]
+
+
+@dataclass(frozen=True)
+class _Field:
+    bfl: str  # regex of the value in BFL naming
+    diffusers: str  # regex of the value in diffusers naming
+    to_diffusers: Callable[[str, int], str] = lambda value, num_up: value  # num_up: decoder levels
+    to_bfl: Callable[[str, int], str] = lambda value, num_up: value
+
+
+def _renamed(mapping: dict[str, str]) -> _Field:
+    inverse = {v: k for k, v in mapping.items()}
+    return _Field("|".join(mapping), "|".join(re.escape(v) for v in inverse),
+                  lambda value, _: mapping.get(value, value), lambda value, _: inverse.get(value, value))
+
+
+_FIELDS = {
+    "side": _Field("encoder|decoder", "encoder|decoder"),
+    "param": _Field(r"\w+", r"\w+"),
+    "level": _Field(r"\d+", r"\d+"),
+    "index": _Field(r"\d+", r"\d+"),
+    # BFL numbers decoder levels from the lowest resolution up, diffusers from the top down.
+    "up": _Field(r"\d+", r"\d+", lambda v, n: str(n - 1 - int(v)), lambda v, n: str(n - 1 - int(v))),
+    "mid": _Field("1|2", "0|1", lambda v, _: str(int(v) - 1), lambda v, _: str(int(v) + 1)),
+    "layer": _renamed({"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+                       "nin_shortcut": "conv_shortcut"}),
+    "attn": _renamed({"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}),
+    "quant": _Field("quant_conv|post_quant_conv", "quant_conv|post_quant_conv"),
+}
 
 
 def sniff_vae_format(sd: dict[str, torch.Tensor]) -> VAEFormat:
@@ -49,76 +90,39 @@ def vae_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def vae_bfl_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    num_up = _count(sd, r"^decoder\.up\.(\d+)\.")
-    return _apply_rules(sd, _bfl_rules(num_up), "BFL", to_linear=True)
+    return _convert(sd, "bfl", num_up=_count(sd, r"^decoder\.up\.(\d+)\."))
 
 
 def vae_diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    num_up = _count(sd, r"^decoder\.up_blocks\.(\d+)\.")
-    return _apply_rules(sd, _diffusers_rules(num_up), "diffusers", to_linear=False)
+    return _convert(sd, "diffusers", num_up=_count(sd, r"^decoder\.up_blocks\.(\d+)\."))
 
 
-def _bfl_rules(num_up: int) -> list[Rule]:
-    return [
-        (re.compile(r"^(encoder|decoder)\.(conv_in|conv_out)\.(\w+)$"), lambda m: m.group(0)),
-        (re.compile(r"^(encoder|decoder)\.norm_out\.(\w+)$"), lambda m: f"{m[1]}.conv_norm_out.{m[2]}"),
-        (re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(\w+)$"),
-         lambda m: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_resnet_to_diffusers(m[3])}.{m[4]}"),
-        (re.compile(r"^encoder\.down\.(\d+)\.downsample\.conv\.(\w+)$"),
-         lambda m: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"),
-        (re.compile(r"^decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(\w+)$"),
-         lambda m: f"decoder.up_blocks.{num_up - 1 - int(m[1])}.resnets.{m[2]}.{_resnet_to_diffusers(m[3])}.{m[4]}"),
-        (re.compile(r"^decoder\.up\.(\d+)\.upsample\.conv\.(\w+)$"),
-         lambda m: f"decoder.up_blocks.{num_up - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"),
-        (re.compile(r"^(encoder|decoder)\.mid\.block_([12])\.(\w+)\.(\w+)$"),
-         lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_resnet_to_diffusers(m[3])}.{m[4]}"),
-        (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(\w+)$"),
-         lambda m: f"{m[1]}.mid_block.attentions.0.{_BFL_ATTN[m[2]]}.{m[3]}"),
-        (re.compile(r"^(post_quant_conv|quant_conv)\.(\w+)$"), lambda m: m.group(0)),
-    ]
+def _template_regex(template: str, naming: VAEFormat) -> re.Pattern[str]:
+    pattern = re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
+    for name, field in _FIELDS.items():
+        pattern = pattern.replace("{" + name + "}", f"(?P<{name}>{getattr(field, naming)})")
+    return re.compile(f"^{pattern}$")
 
 
-def _diffusers_rules(num_up: int) -> list[Rule]:
-    return [
-        (re.compile(r"^(encoder|decoder)\.(conv_in|conv_out)\.(\w+)$"), lambda m: m.group(0)),
-        (re.compile(r"^(encoder|decoder)\.conv_norm_out\.(\w+)$"), lambda m: f"{m[1]}.norm_out.{m[2]}"),
-        (re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(\w+)$"),
-         lambda m: f"encoder.down.{m[1]}.block.{m[2]}.{_resnet_to_bfl(m[3])}.{m[4]}"),
-        (re.compile(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)$"),
-         lambda m: f"encoder.down.{m[1]}.downsample.conv.{m[2]}"),
-        (re.compile(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(\w+)$"),
-         lambda m: f"decoder.up.{num_up - 1 - int(m[1])}.block.{m[2]}.{_resnet_to_bfl(m[3])}.{m[4]}"),
-        (re.compile(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)$"),
-         lambda m: f"decoder.up.{num_up - 1 - int(m[1])}.upsample.conv.{m[2]}"),
-        (re.compile(r"^(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)\.(\w+)$"),
-         lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.{_resnet_to_bfl(m[3])}.{m[4]}"),
-        (re.compile(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)$"),
-         lambda m: f"{m[1]}.mid.attn_1.{_DIFFUSERS_ATTN[m[2]]}.{m[3]}"),
-        (re.compile(r"^(post_quant_conv|quant_conv)\.(\w+)$"), lambda m: m.group(0)),
-    ]
-
-
-def _resnet_to_diffusers(name: str) -> str:
-    return "conv_shortcut" if name == "nin_shortcut" else name
-
-
-def _resnet_to_bfl(name: str) -> str:
-    return "nin_shortcut" if name == "conv_shortcut" else name
-
-
-def _apply_rules(sd: dict[str, torch.Tensor], rules: list[Rule], naming: str, to_linear: bool
-                 ) -> dict[str, torch.Tensor]:
+def _convert(sd: dict[str, torch.Tensor], source: VAEFormat, num_up: int) -> dict[str, torch.Tensor]:
+    to_linear = source == "bfl"  # the BFL attention projections are 1x1 convs, diffusers' are Linear
+    rules = [(_template_regex(bfl if to_linear else diffusers, source), diffusers if to_linear else bfl)
+             for bfl, diffusers in _KEY_TEMPLATES]
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, tensor in sd.items():
-        new_key = next((convert(match) for pattern, convert in rules if (match := pattern.match(key))), None)
-        if new_key is None:
+        match, target = next(((m, target) for regex, target in rules if (m := regex.match(key))), (None, None))
+        if match is None:
             unknown.append(key)
             continue
+        convert = "to_diffusers" if to_linear else "to_bfl"
+        new_key = target.format(**{name: getattr(_FIELDS[name], convert)(value, num_up)
+                                   for name, value in match.groupdict().items()})
         if _BFL_ATTN_PROJECTION.match(key if to_linear else new_key):
             tensor = _attention_weight(tensor, key, to_linear)
         out[new_key] = tensor
     if unknown:
+        naming = "BFL" if to_linear else "diffusers"
         raise CheckpointError(f"unexpected keys in a {naming}-named Flux VAE: {', '.join(sorted(unknown)[:5])}")
     return out
 
