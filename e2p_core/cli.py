@@ -34,7 +34,7 @@ from .checkpoints import (
 from .conventions import depth_hint, normals_to_convention, normals_to_rgb01
 from .errors import E2PError, InputError
 from .images import load_image_rgb
-from .pipeline import Clicks, Perception
+from .pipeline import Perception, PointPrompt
 from .points import parse_points, to_pixel_coords, warn_negative_points
 from .prompts import cached_prompt_embeddings, encode_prompts, load_prompt_embeddings, save_prompt_embeddings
 from .tasks import MATTING_PROMPT_INFERENCE_PY, TASKS
@@ -60,7 +60,7 @@ def predict(args: argparse.Namespace) -> None:
     if args.raw:
         _check_output_path(args.raw, (".safetensors",), "--raw")
     image = load_image_rgb(args.image)
-    clicks, point_map = _point_prompt(args, image.shape[:2])
+    points, point_map = _point_prompt(args, image.shape[:2])
     noise = _read_tensor_file(args.noise, "noise") if args.noise else None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -76,7 +76,7 @@ def predict(args: argparse.Namespace) -> None:
     with torch.no_grad():
         result = perceive(
             denoiser, codec, image, args.task, prompt,
-            clicks=clicks, point_map=point_map, steps=args.steps, seed=args.seed, noise=noise,
+            points=points, point_map=point_map, steps=args.steps, seed=args.seed, noise=noise,
             resize=args.resize, resolution=args.resolution,
             on_step=lambda i, n: logger.info("step %d/%d", i + 1, n),
         )
@@ -115,25 +115,29 @@ def _lora_arg(spec: str) -> tuple[str, float]:
 
 
 def _point_prompt(args, image_hw):
-    """(Clicks | None, point map [H,W] | None) from --points / --point-map."""
-    if args.points and args.point_map:
-        raise InputError("give either --points or --point-map, not both")
+    """(PointPrompt | None, point map [H,W] | None) from --points / --point-mask / --point-map."""
+    given = [flag for flag in ("points", "point_mask", "point_map") if getattr(args, flag)]
+    if len(given) > 1:
+        raise InputError(f"give only one of --points, --point-mask and --point-map (got {len(given)})")
     if args.points:
         text = Path(args.points).read_text() if Path(args.points).is_file() else args.points
         warn_negative_points(args.negative_points or "")
         points_px = to_pixel_coords(parse_points(text), image_hw[1], image_hw[0], args.points_space)
-        return Clicks(points_px, args.point_mode, args.point_sigma, args.point_radius), None
+        return PointPrompt(points_px, None, args.point_mode, args.point_sigma, args.point_radius), None
+    if args.point_mask:
+        mask = _read_map(args.point_mask, image_hw, "point_mask")
+        return PointPrompt(None, mask, "mask", args.point_sigma), None
     if args.point_map:
-        return None, _read_point_map(args.point_map, image_hw)
+        return None, _read_map(args.point_map, image_hw, "point_map")
     return None, None
 
 
-def _read_point_map(path: str, image_hw) -> np.ndarray:
-    """A soft point map in [0,1]: a PNG (8 or 16 bit, grayscale) or safetensors with key ``point_map`` [H,W]."""
+def _read_map(path: str, image_hw, key: str) -> np.ndarray:
+    """A map in [0,1] at the image size: a PNG (8 or 16 bit, first channel) or safetensors with ``key`` [H,W]."""
     if path.endswith(".safetensors"):
-        point_map = _read_tensor_file(path, "point_map").float().numpy()
-        while point_map.ndim > 2 and point_map.shape[0] == 1:  # tolerate [1,H,W] and [1,1,H,W]
-            point_map = point_map[0]
+        values = _read_tensor_file(path, key).float().numpy()
+        while values.ndim > 2 and values.shape[0] == 1:  # tolerate [1,H,W] and [1,1,H,W]
+            values = values[0]
     else:
         from PIL import Image
 
@@ -141,14 +145,14 @@ def _read_point_map(path: str, image_hw) -> np.ndarray:
             with Image.open(path) as img:
                 raw = np.asarray(img)
         except OSError as exc:
-            raise InputError(f"cannot read point map {path}: {exc}") from None
+            raise InputError(f"cannot read {path}: {exc}") from None
         if raw.ndim == 3:
             raw = raw[..., 0]
-        point_map = raw.astype(np.float32) / (65535.0 if raw.dtype == np.uint16 else 255.0)
-    if point_map.shape != tuple(image_hw):
-        raise InputError(f"point map {path} is {point_map.shape[1]}x{point_map.shape[0]}, the image is "
-                         f"{image_hw[1]}x{image_hw[0]} (width x height); they must match")
-    return point_map
+        values = raw.astype(np.float32) / (65535.0 if raw.dtype == np.uint16 else 255.0)
+    if values.shape != tuple(image_hw):
+        raise InputError(f"{path} is {values.shape[1]}x{values.shape[0]}, the image is {image_hw[1]}x{image_hw[0]} "
+                         f"(width x height); they must match")
+    return values
 
 
 def _read_tensor_file(path: str, key: str) -> torch.Tensor:
@@ -304,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "clicks: Gaussians exactly at the clicks")
     p.add_argument("--point-sigma", type=float, help="Gaussian sigma in processing pixels (default 30 at 768)")
     p.add_argument("--point-radius", type=float, help="click disk radius in processing pixels (default 100 at 768)")
+    p.add_argument("--point-mask", help="matting foreground mask at the image size (PNG, or safetensors "
+                                        "'point_mask'): 10 points are sampled where it exceeds 0.8, as in training")
     p.add_argument("--point-map", help="soft point map in [0,1] at the image size: PNG or safetensors 'point_map'")
     p.add_argument("--resize", choices=("aligned", "reference"), default="aligned",
                    help="aligned: keep aspect, pad to /16, exact H x W back (default); reference: square squash")

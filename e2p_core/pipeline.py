@@ -26,7 +26,7 @@ import torch
 
 from .backends.base import Denoiser, LatentCodec
 from .errors import InputError
-from .images import Geometry, pad_map, plan_geometry, prepare_image, prepare_map, restore
+from .images import Geometry, pad_map, plan_geometry, prepare_image, prepare_map, resize_map, restore
 from .points import build_point_map, encode_point_map, scale_coords
 from .prompts import PromptEmbeddings
 from .schedule import LATENT_CHANNELS, euler_step, initial_noise, make_schedule
@@ -39,16 +39,20 @@ NORMAL_EPS = 1e-8  # the reference's x / (||x|| + 1e-8)
 
 
 @dataclass(frozen=True)
-class Clicks:
-    """Clicked foreground points for matting, rasterised at the processing size (as the reference app does).
+class PointPrompt:
+    """Where the foreground is, for matting; rasterised at the processing size, as the reference does.
 
-    ``mode="app"``: disks of ``radius_px`` around the clicks, then 10 seed-42 points sampled inside them, each a
-    Gaussian of ``sigma_px`` (the official app). ``mode="clicks"``: Gaussians exactly at the clicks (intuitive, not
-    what was trained). ``None`` sizes mean the reference's values scaled to the processing size (30 and 100 px at 768).
+    * ``app``: disks of ``radius_px`` around the clicks, 10 seed-42 points sampled inside them, each a Gaussian of
+      ``sigma_px``, max-combined (the official app);
+    * ``clicks``: Gaussians exactly at the clicks (intuitive, but not what was trained);
+    * ``mask``: 10 seed-42 points sampled where ``mask`` > 0.8 (how the training prompts were made).
+
+    ``None`` sizes are the reference's 30 px (sigma) and 100 px (radius) at 768, scaled to the processing size.
     """
 
-    points_px: np.ndarray  # [N,2] (x, y) in input-image pixels
-    mode: Literal["app", "clicks"] = "app"
+    points_px: np.ndarray | None = None  # [N,2] (x, y) in input-image pixels; app and clicks modes
+    mask: np.ndarray | None = None  # [H,W] in [0,1] at the input size; mask mode
+    mode: Literal["app", "clicks", "mask"] = "app"
     sigma_px: float | None = None
     radius_px: float | None = None
 
@@ -73,7 +77,7 @@ def perceive(
     task: str,
     prompt: PromptEmbeddings,
     *,
-    clicks: Clicks | None = None,
+    points: PointPrompt | None = None,
     point_map: np.ndarray | torch.Tensor | None = None,
     steps: int = 1,
     seed: int = 42,
@@ -85,7 +89,7 @@ def perceive(
 ) -> Perception:
     """Run Edit2Perceive on a batch of same-size images ([B,H,W,3] uint8 or float in [0,1], or one [H,W,3]).
 
-    ``point_map`` is a soft map in [0,1] at the input size ([H,W] or [B,H,W]); ``clicks`` builds one instead.
+    ``point_map`` is a soft map in [0,1] at the input size ([H,W] or [B,H,W]); ``points`` builds one instead.
     ``noise`` ([1 or B,16,h,w] float32) replaces the seeded noise. ``on_step(i, steps)`` runs before every DiT
     call (progress bars, cancellation).
     """
@@ -97,7 +101,7 @@ def perceive(
     # 1. The Kontext context images in [-1,1] at the processing size: the RGB, then (matting) the point map.
     rgb = torch.stack([prepare_image(frame, geometry) for frame in frames])  # [B,3,Hp,Wp]
     contexts = [rgb]
-    soft_point_map = _point_maps(spec, geometry, len(frames), clicks, point_map)  # [B,Hp,Wp] or None
+    soft_point_map = _point_maps(spec, geometry, len(frames), points, point_map)  # [B,Hp,Wp] or None
     if soft_point_map is not None:
         contexts.append(torch.stack([encode_point_map(m) for m in soft_point_map]))  # [B,3,Hp,Wp]
 
@@ -162,19 +166,28 @@ def _as_frames(images) -> list:
     return frames
 
 
-def _point_maps(spec: Task, geometry: Geometry, batch: int, clicks: Clicks | None, point_map) -> torch.Tensor | None:
+def _point_maps(spec: Task, geometry: Geometry, batch: int, points: PointPrompt | None, point_map
+                ) -> torch.Tensor | None:
     """The soft point maps [B,Hp,Wp] in [0,1] for matting; None for the other tasks."""
     if not spec.uses_point_map:
-        if clicks is not None or point_map is not None:
+        if points is not None or point_map is not None:
             logger.warning("the %s task takes no point prompt; ignoring it", spec.name)
         return None
-    if clicks is not None and point_map is not None:
-        raise InputError("give either clicks or a point map, not both")
-    if clicks is not None:
-        points = scale_coords(clicks.points_px, geometry.input_hw, geometry.resized_hw)
-        built = build_point_map(clicks.mode, *geometry.resized_hw, points_px=points,
-                                sigma_px=clicks.sigma_px, radius_px=clicks.radius_px)  # [h',w']
-        return pad_map(built, geometry).expand(batch, -1, -1)
+    if points is not None and point_map is not None:
+        raise InputError("give either a point prompt or a point map, not both")
+    if points is not None:
+        height, width = geometry.resized_hw
+        if points.mode == "mask":
+            if points.mask is None:
+                raise InputError("point prompt mode 'mask' needs a mask")
+            built = build_point_map("mask", height, width, mask=resize_map(points.mask, geometry),
+                                    sigma_px=points.sigma_px)
+        else:
+            clicks = None if points.points_px is None else scale_coords(points.points_px, geometry.input_hw,
+                                                                        geometry.resized_hw)
+            built = build_point_map(points.mode, height, width, points_px=clicks, sigma_px=points.sigma_px,
+                                    radius_px=points.radius_px)
+        return pad_map(built, geometry).expand(batch, -1, -1)  # [h',w'] -> [B,Hp,Wp]
     if point_map is not None:
         maps = _as_point_maps(point_map, geometry.input_hw, batch)
     else:

@@ -14,7 +14,7 @@ from conftest import FIXTURES, MANIFEST, TINY_DIT_CONFIG, load_run
 from e2p_core.backends.diffusers_backend import load_diffusers_backend
 from e2p_core.cli import main
 from e2p_core.images import load_image_rgb, plan_geometry, prepare_image
-from e2p_core.pipeline import Clicks, perceive
+from e2p_core.pipeline import PointPrompt, perceive
 from e2p_core.points import encode_point_map
 from e2p_core.prompts import load_prompt_embeddings
 from e2p_core.tokens import CONTEXT_INDEX, TARGET_INDEX, pack_latents, position_ids
@@ -129,10 +129,23 @@ def test_matting_from_clicks_reproduces_the_app_point_map(inputs_npz, prompt_fil
     run = load_run("matting_1step_fp32")
     denoiser, codec = models("dit_bfl.safetensors", torch.float32, lora=False)
     prompt = load_prompt_embeddings(prompt_files["matting"])
-    clicks = Clicks(inputs_npz["clicks_xy"].astype(np.float64), "app", sigma_px=3, radius_px=8)
+    clicks = PointPrompt(inputs_npz["clicks_xy"].astype(np.float64), mode="app", sigma_px=3, radius_px=8)
     with torch.no_grad():
-        result = perceive(denoiser, codec, load_image_rgb(FIXTURES / "input.png"), "matting", prompt, clicks=clicks,
+        result = perceive(denoiser, codec, load_image_rgb(FIXTURES / "input.png"), "matting", prompt, points=clicks,
                           noise=run["noise"], resolution="native")
+    assert torch.equal(result.point_map[0], torch.from_numpy(inputs_npz["point_mask"]))
+    torch.testing.assert_close(result.output, reference_output(run, "matting"), atol=1e-5, rtol=0)
+
+
+def test_matting_from_a_mask_samples_points_like_training(inputs_npz, prompt_files):
+    """A user mask -> 10 seed-42 points where mask > 0.8: with the disks as the mask, the app's point map again."""
+    run = load_run("matting_1step_fp32")
+    denoiser, codec = models("dit_bfl.safetensors", torch.float32, lora=False)
+    mask = PointPrompt(mask=inputs_npz["click_disk_alpha"], mode="mask", sigma_px=3)
+    with torch.no_grad():
+        result = perceive(denoiser, codec, load_image_rgb(FIXTURES / "input.png"), "matting",
+                          load_prompt_embeddings(prompt_files["matting"]), points=mask, noise=run["noise"],
+                          resolution="native")
     assert torch.equal(result.point_map[0], torch.from_numpy(inputs_npz["point_mask"]))
     torch.testing.assert_close(result.output, reference_output(run, "matting"), atol=1e-5, rtol=0)
 
@@ -169,3 +182,24 @@ def test_cli_raw_outputs_match_official_run(name, dit_file, tmp_path, prompt_fil
     assert_stages(raw, load_run(name), settings["task"], settings["dtype"])
     assert (tmp_path / "out.png").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+@pytest.mark.parametrize("prompt_flags", ["points", "point_mask"])
+def test_cli_matting_from_clicks_or_mask(prompt_flags, tmp_path, inputs_npz, prompt_files, dit_config_file):
+    """--points (KJNodes JSON) and --point-mask give the official app's point map and output."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    args = cli_args("matting_1step_fp32", "dit_bfl.safetensors", tmp_path, prompt_files, dit_config_file)
+    args = args[: args.index("--point-map")]
+    if prompt_flags == "points":
+        clicks = [{"x": int(x), "y": int(y)} for x, y in inputs_npz["clicks_xy"]]
+        args += ["--points", str(clicks), "--points-space", "pixels", "--point-radius", "8"]
+    else:
+        Image.fromarray((inputs_npz["click_disk_alpha"] * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+        args += ["--point-mask", str(tmp_path / "mask.png")]
+    assert main([*args, "--point-sigma", "3"]) == 0
+    raw = load_file(tmp_path / "raw.safetensors")
+    assert torch.equal(raw["point_map"][0], torch.from_numpy(inputs_npz["point_mask"]))
+    torch.testing.assert_close(raw["output"], reference_output(load_run("matting_1step_fp32"), "matting"),
+                               atol=1e-5, rtol=0)
