@@ -21,8 +21,6 @@ imported only when an encoder is actually loaded.
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING

@@ -147,7 +147,7 @@ def test_prepare_then_restore_returns_input_size_and_values(input_hw, mode, reso
     geometry = plan_geometry(input_hw, mode, resolution)
     pixels = prepare_image(image, geometry)
     assert pixels.dtype == torch.float32 and tuple(pixels.shape) == (3, *geometry.padded_hw)
-    assert -1 <= pixels.min() and pixels.max() <= 1
+    assert pixels.min() >= -1 and pixels.max() <= 1
     restored = restore(pixels[None], geometry)
     assert tuple(restored.shape) == (1, 3, *input_hw)
     error = (restored[0] - to_model_pixels(image)).abs()

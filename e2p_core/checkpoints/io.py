@@ -13,7 +13,8 @@ import re
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
