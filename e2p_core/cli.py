@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("predict", help="run Edit2Perceive on one image")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="what to predict")
     p.add_argument("--dit", required=True, help="base or E2P DiT: BFL/ComfyUI file (fp8 ok), DiffSynth file, "
                                                 "or diffusers folder")
     p.add_argument("--dit-config", help="diffusers-style config.json for non-standard DiT sizes (RoPE axes)")
