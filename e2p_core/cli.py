@@ -73,13 +73,12 @@ def predict(args: argparse.Namespace) -> None:
     denoiser, codec = load_diffusers_backend(dit, vae, dtype, device, args.time_embedding)
     logger.info("DiT %s (%s naming), %s on %s", Path(args.dit).name, dit.source_format, args.dtype, device)
 
-    with torch.no_grad():
-        result = perceive(
-            denoiser, codec, image, args.task, prompt,
-            points=points, point_map=point_map, steps=args.steps, seed=args.seed, noise=noise,
-            resize=args.resize, resolution=args.resolution,
-            on_step=lambda i, n: logger.info("step %d/%d", i + 1, n),
-        )
+    result = perceive(
+        denoiser, codec, image, args.task, prompt,
+        points=points, point_map=point_map, steps=args.steps, seed=args.seed, noise=noise,
+        resize=args.resize, resolution=args.resolution,
+        on_step=lambda i, n: logger.info("step %d/%d", i + 1, n),
+    )
     _write_outputs(args, result)
 
 

@@ -70,6 +70,7 @@ class Perception:
     geometry: Geometry
 
 
+@torch.no_grad()  # inference only: training differentiates through its own objective, not through sampling
 def perceive(
     denoiser: Denoiser,
     codec: LatentCodec,

@@ -140,3 +140,14 @@ def test_module_entry_point_runs_predict(tmp_path, prompt_files, dit_config_file
                                capture_output=True, text=True).stdout
     for flag in ("--dit-config", "--lora", "--raw", "--noise", "--points", "--point-map", "--resize", "--resolution"):
         assert flag in help_text
+
+
+def test_perceive_builds_no_autograd_graph(tiny_models, prompt_files):
+    denoiser, codec = tiny_models
+    denoiser.transformer.requires_grad_(True)
+    try:
+        result = perceive(denoiser, codec, random_image(32, 32, 0), "depth",
+                          load_prompt_embeddings(prompt_files["depth"]), resolution="native")
+    finally:
+        denoiser.transformer.requires_grad_(False)
+    assert not result.output.requires_grad and result.velocity.grad_fn is None
