@@ -177,18 +177,13 @@ def _point_maps(spec: Task, geometry: Geometry, batch: int, points: PointPrompt 
     if points is not None and point_map is not None:
         raise InputError("give either a point prompt or a point map, not both")
     if points is not None:
-        height, width = geometry.resized_hw
-        if points.mode == "mask":
-            if points.mask is None:
-                raise InputError("point prompt mode 'mask' needs a mask")
-            built = build_point_map("mask", height, width, mask=resize_map(points.mask, geometry),
-                                    sigma_px=points.sigma_px)
-        else:
-            clicks = None if points.points_px is None else scale_coords(points.points_px, geometry.input_hw,
-                                                                        geometry.resized_hw)
-            built = build_point_map(points.mode, height, width, points_px=clicks, sigma_px=points.sigma_px,
-                                    radius_px=points.radius_px)
-        return pad_map(built, geometry).expand(batch, -1, -1)  # [h',w'] -> [B,Hp,Wp]
+        # Clicks and mask go to the processing size; build_point_map checks that the mode has what it needs.
+        clicks = None if points.points_px is None else scale_coords(points.points_px, geometry.input_hw,
+                                                                    geometry.resized_hw)
+        mask = None if points.mask is None else resize_map(points.mask, geometry)
+        built = build_point_map(points.mode, *geometry.resized_hw, points_px=clicks, mask=mask,
+                                sigma_px=points.sigma_px, radius_px=points.radius_px)  # [h',w']
+        return pad_map(built, geometry).expand(batch, -1, -1)  # [B,Hp,Wp]
     if point_map is not None:
         maps = _as_point_maps(point_map, geometry.input_hw, batch)
     else:

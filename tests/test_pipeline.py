@@ -151,3 +151,12 @@ def test_perceive_builds_no_autograd_graph(tiny_models, prompt_files):
     finally:
         denoiser.transformer.requires_grad_(False)
     assert not result.output.requires_grad and result.velocity.grad_fn is None
+
+
+def test_mask_point_prompt_without_a_mask_is_rejected(tiny_models, prompt_files):
+    from e2p_core.pipeline import PointPrompt
+
+    denoiser, codec = tiny_models
+    with pytest.raises(InputError, match="needs a mask"):
+        perceive(denoiser, codec, random_image(32, 32, 0), "matting", load_prompt_embeddings(prompt_files["matting"]),
+                 points=PointPrompt(mode="mask"), resolution="native")
