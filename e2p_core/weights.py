@@ -5,8 +5,9 @@ DiffSynth naming, or a diffusers folder; task LoRAs may be in any key style ``ch
 is brought to BFL naming with the LoRAs merged, plus the architecture read from the shapes. The VAE is the Flux
 ``ae.safetensors`` (BFL naming) or a diffusers ``vae`` folder.
 
-A DiT file may record the timestep-embedding variant it was trained with in its safetensors metadata under
-``e2p.time_embedding`` (``python -m train`` writes it); :func:`load_dit` returns it so callers can default to it.
+A DiT file or a LoRA may record the timestep-embedding variant it was trained with in its safetensors metadata under
+``e2p.time_embedding`` (``python -m train`` writes it); :func:`load_dit` returns it so callers can default to it. A
+LoRA's record wins over the base file's: it describes the fine-tuned model.
 """
 
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .checkpoints import (
     to_bfl,
     vae_to_diffusers,
 )
+from .errors import CheckpointError
 from .time_embedding import TimeEmbedding, check_time_embedding
 
 TIME_EMBEDDING_METADATA_KEY = "e2p.time_embedding"
@@ -72,9 +74,23 @@ def load_dit(
     architecture = infer_dit_architecture(state_dict_bfl, config)
     for lora_path, strength in loras:
         state_dict_bfl = merge_lora(state_dict_bfl, load_lora_file(lora_path, architecture.mlp_ratio), strength)
-    recorded = metadata.get(TIME_EMBEDDING_METADATA_KEY)
+    recorded = _lora_time_embedding(loras) or metadata.get(TIME_EMBEDDING_METADATA_KEY)
     time_embedding = check_time_embedding(recorded) if recorded is not None else None
     return DiTWeights(state_dict_bfl, architecture, source_format, time_embedding)
+
+
+def _lora_time_embedding(loras: list[tuple[str | Path, float]]) -> str | None:
+    """The variant the LoRAs record (it describes the fine-tuned model, so it wins over the base file's)."""
+    recorded = {}
+    for lora_path, _ in loras:
+        if Path(lora_path).suffix in (".safetensors", ".sft"):
+            variant = read_metadata(lora_path).get(TIME_EMBEDDING_METADATA_KEY)
+            if variant is not None:
+                recorded[str(lora_path)] = variant
+    if len(set(recorded.values())) > 1:
+        raise CheckpointError(f"these LoRAs were trained with different timestep embeddings ({recorded}); "
+                              f"they cannot be applied together")
+    return next(iter(recorded.values()), None)
 
 
 def load_vae(path: str | Path, config: str | Path | dict[str, Any] | None = None) -> VAEWeights:

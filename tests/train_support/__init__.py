@@ -1,0 +1,1 @@
+"""Test helpers for the training tests (synthetic datasets)."""
