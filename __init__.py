@@ -1,10 +1,18 @@
 """ComfyUI entry point of the Edit2Perceive node pack.
 
-ComfyUI imports this file as a package. Nodes are added by the ``nodes`` package; until then the pack registers
-none. Nothing here may import diffusers or transformers.
+ComfyUI imports this file as a package (``custom_nodes/<folder>/__init__.py``); the nodes live in ``nodes/`` and use
+relative imports, so the pack works under any folder name. Nothing here imports diffusers or transformers.
+
+Outside a ComfyUI process (pytest importing the repository root as a package, packaging tools) the ComfyUI modules
+do not exist and there is nothing to register with: the pack then registers no nodes instead of failing to import.
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+import importlib.util
+
+if importlib.util.find_spec("folder_paths") is not None:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,1 +1,29 @@
-"""ComfyUI nodes of the Edit2Perceive pack: thin adapters from ComfyUI types to ``e2p_core``."""
+"""The ComfyUI nodes of the Edit2Perceive pack (registered by the repository's ``__init__.py``).
+
+Loader -> task conditioning (+ point prompt) -> perceive -> depth / normal / matte output; or one all-in-one node
+per task. Every node is a thin schema over ``e2p_core`` and the ComfyUI backend in ``comfy_backend``.
+"""
+
+from .all_in_one import E2PDepthAllInOne, E2PMattingAllInOne, E2PNormalAllInOne
+from .conditioning import E2PTaskConditioning, register_prompts_folder
+from .loader import E2PModelLoader
+from .outputs import E2PDepthOutput, E2PMatteOutput, E2PNormalOutput
+from .perceive import E2PPerceive
+from .point_prompt import E2PPointPrompt
+
+register_prompts_folder()
+
+_NODES = {
+    "E2PModelLoader": (E2PModelLoader, "Edit2Perceive Model Loader"),
+    "E2PTaskConditioning": (E2PTaskConditioning, "Edit2Perceive Task Conditioning"),
+    "E2PPointPrompt": (E2PPointPrompt, "Edit2Perceive Point Prompt"),
+    "E2PPerceive": (E2PPerceive, "Edit2Perceive Perceive"),
+    "E2PDepthOutput": (E2PDepthOutput, "Edit2Perceive Depth Output"),
+    "E2PNormalOutput": (E2PNormalOutput, "Edit2Perceive Normal Output"),
+    "E2PMatteOutput": (E2PMatteOutput, "Edit2Perceive Matte Output"),
+    "E2PDepthAllInOne": (E2PDepthAllInOne, "Edit2Perceive Depth (All-in-One)"),
+    "E2PNormalAllInOne": (E2PNormalAllInOne, "Edit2Perceive Normals (All-in-One)"),
+    "E2PMattingAllInOne": (E2PMattingAllInOne, "Edit2Perceive Matting (All-in-One)"),
+}
+NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in _NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in _NODES.items()}

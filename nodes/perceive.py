@@ -1,0 +1,167 @@
+"""The perceive node: MODEL + VAE + CONDITIONING + IMAGE (+ point prompt) -> an Edit2Perceive prediction.
+
+It runs ``e2p_core.pipeline.perceive`` (the algorithm, written once) with the ComfyUI backend, chunk by chunk: an
+IMAGE batch is a video, every frame gets the same seeded noise, and frames come back in order at their exact size.
+"""
+
+import math
+
+import comfy.model_management
+import comfy.utils
+import torch
+from comfy.model_patcher import ModelPatcher
+
+from ..e2p_core.errors import InputError
+from ..e2p_core.pipeline import perceive
+from ..e2p_core.schedule import MAX_STEPS
+from ..e2p_core.time_embedding import TIME_EMBEDDINGS
+from .comfy_backend import ComfyCodec, ComfyDenoiser
+from .conditioning import conditioning_to_prompt
+from .loader import TIME_EMBEDDING_ATTACHMENT
+from .prediction import E2P_POINT_PROMPT, E2P_PREDICTION, PointPromptInput, Prediction
+
+RESIZE_MODES = ("aligned", "reference")
+AUTO = "auto"
+NATIVE_RESOLUTION = 0  # the resolution input's value for "process at the image's own size"
+DEFAULT_CHUNK = 4
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def run_perceive(
+    model: ModelPatcher,
+    vae,
+    conditioning: list,
+    images: torch.Tensor,
+    *,
+    steps: int = 1,
+    seed: int = 42,
+    resize_mode: str = "aligned",
+    resolution: int = 768,
+    chunk_size: int = DEFAULT_CHUNK,
+    time_embedding: str = AUTO,
+    point_prompt: PointPromptInput | None = None,
+    point_map: torch.Tensor | None = None,
+) -> Prediction:
+    """Predict every frame of ``images`` (IMAGE [B,H,W,C]) in chunks of ``chunk_size``; see ``e2p_core.pipeline``."""
+    task, prompt, guidance = conditioning_to_prompt(conditioning)
+    frames = _check_images(images)
+    if chunk_size < 1:
+        raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
+    if point_prompt is not None and tuple(point_prompt.image_hw) != tuple(frames.shape[1:3]):
+        height, width = point_prompt.image_hw
+        raise InputError(f"the point prompt was made on a {width}x{height} image, the image to perceive is "
+                         f"{frames.shape[2]}x{frames.shape[1]}; connect the same image to both nodes")
+    if time_embedding == AUTO:
+        time_embedding = model.get_attachment(TIME_EMBEDDING_ATTACHMENT) or "reference"
+    denoiser = ComfyDenoiser(model, time_embedding)
+    codec = ComfyCodec(vae, denoiser.dtype, denoiser.device)
+    prompt = prompt.to(denoiser.device, denoiser.dtype)
+    maps = _check_point_map(point_map, len(frames))
+
+    chunks = math.ceil(len(frames) / chunk_size)
+    progress = comfy.utils.ProgressBar(chunks * steps)
+    outputs = []
+    for index in range(chunks):
+        start = index * chunk_size
+        chunk = frames[start:start + chunk_size]
+
+        def on_step(step: int, _steps: int, done: int = index * steps) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.update_absolute(done + step)
+
+        result = perceive(
+            denoiser, codec, chunk, task, prompt,
+            points=None if point_prompt is None else point_prompt.prompt,
+            point_map=_chunk_of(maps, start, chunk_size),
+            steps=steps, seed=seed, guidance=guidance, resize=resize_mode,
+            resolution="native" if resolution == NATIVE_RESOLUTION else resolution, on_step=on_step,
+        )
+        outputs.append(result.output.to(comfy.model_management.intermediate_device()))
+        progress.update_absolute((index + 1) * steps)
+    return Prediction(task, torch.cat(outputs), images)
+
+
+def _chunk_of(maps: torch.Tensor | None, start: int, size: int) -> torch.Tensor | None:
+    """The point maps of one chunk: per-frame maps are sliced, a single map serves every frame."""
+    return maps if maps is None or len(maps) == 1 else maps[start:start + size]
+
+
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4) \
+            or images.shape[0] == 0:
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InputError(f"image has shape {shape}; expected a ComfyUI IMAGE [B,H,W,3] with values in 0..1")
+    return images.detach().cpu()
+
+
+def _check_point_map(point_map: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    if point_map is None:
+        return None
+    maps = point_map if point_map.ndim == 3 else point_map[None]
+    if maps.ndim != 3 or maps.shape[0] not in (1, batch):
+        raise InputError(f"point_map has shape {list(point_map.shape)}; expected a MASK [1,H,W] or [{batch},H,W]")
+    return maps.detach().cpu().float()
+
+
+# Inputs shared with the all-in-one nodes.
+RESOLUTION_INPUT = ("INT", {
+    "default": 768, "min": NATIVE_RESOLUTION, "max": 4096, "step": 16,
+    "tooltip": "Processing size of the longer side in pixels (768 = training); 0 = the image's own size. The output "
+               "always has the input's exact size."})
+
+
+class E2PPerceive:
+    DESCRIPTION = (
+        "Runs Edit2Perceive: the DiT predicts depth, normals or matting alpha (the task of the conditioning) for every "
+        "frame of the image batch in one fixed-seed step, at exactly the input size. Feed the prediction to the "
+        "depth, normal or matte output node."
+    )
+    CATEGORY = "Edit2Perceive"
+    FUNCTION = "perceive"
+    RETURN_TYPES = (E2P_PREDICTION,)
+    RETURN_NAMES = ("prediction",)
+    OUTPUT_TOOLTIPS = ("The raw prediction in the reference conventions (depth near = 0, E2P-frame normals, alpha).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The Edit2Perceive DiT (Edit2Perceive Model Loader, or a FLUX.1 Kontext "
+                                               "model with the task LoRA)."}),
+                "vae": ("VAE", {"tooltip": "The Flux VAE (ae.safetensors, core 'Load VAE')."}),
+                "conditioning": ("CONDITIONING", {"tooltip": "From 'Edit2Perceive Task Conditioning'; it sets the "
+                                                             "task."}),
+                "image": ("IMAGE", {"tooltip": "Image or video frames [B,H,W,3]; every frame is predicted with the "
+                                               "same noise."}),
+                "steps": ("INT", {"default": 1, "min": 1, "max": min(MAX_STEPS, 50),
+                                  "tooltip": "Sampling steps; 1 is the paper's setting (one DiT call)."}),
+                # No "control after generate" widget: a perceiver should give the same answer on every run.
+                "seed": ("INT", {"default": 42, "min": 0, "max": MAX_SEED, "control_after_generate": False,
+                                 "tooltip": "Seed of the initial noise (42 as the reference), shared by all frames "
+                                            "and kept between runs."}),
+                "resize_mode": (list(RESIZE_MODES), {
+                    "default": "aligned",
+                    "tooltip": "'aligned': keep the aspect ratio, pad to multiples of 16; 'reference': the official "
+                               "square squash."}),
+                "resolution": RESOLUTION_INPUT,
+                "chunk_size": ("INT", {"default": DEFAULT_CHUNK, "min": 1, "max": 256,
+                                       "tooltip": "Frames per model call; lower it if memory runs out on videos."}),
+                "time_embedding": ([AUTO, *TIME_EMBEDDINGS], {
+                    "default": AUTO,
+                    "tooltip": "Timestep-embedding variant: 'auto' = what the model file records, else 'reference' "
+                               "(bf16-rounded frequencies in bf16, as the released weights were trained); 'exact' "
+                               "= ComfyUI/BFL float32 frequencies."}),
+            },
+            "optional": {
+                "point_prompt": (E2P_POINT_PROMPT, {"tooltip": "Matting: the clicks from 'Edit2Perceive Point "
+                                                               "Prompt'."}),
+                "point_map": ("MASK", {"tooltip": "Matting: a soft point map in 0..1 at the image size instead of "
+                                                  "clicks (1 = foreground point)."}),
+            },
+        }
+
+    def perceive(self, model, vae, conditioning, image, steps, seed, resize_mode, resolution, chunk_size,
+                 time_embedding, point_prompt=None, point_map=None):
+        return (run_perceive(model, vae, conditioning, image, steps=steps, seed=seed, resize_mode=resize_mode,
+                             resolution=resolution, chunk_size=chunk_size, time_embedding=time_embedding,
+                             point_prompt=point_prompt, point_map=point_map),)
