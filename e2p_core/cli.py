@@ -1,9 +1,11 @@
-"""``python -m e2p_core``: predict, convert weights, and precompute prompt embeddings.
+"""``python -m e2p_core``: predict, convert weights, precompute prompt embeddings, and evaluate on benchmarks.
 
     python -m e2p_core predict --task depth --dit kontext.safetensors --lora depth_lora.safetensors --vae ae.safetensors
         --prompt-embeds depth.safetensors --image photo.jpg --out depth.png
     python -m e2p_core convert --kind dit --input depth.safetensors --to bfl --output depth_bfl.safetensors
     python -m e2p_core embed-prompts --text-encoders FLUX.1-Kontext-dev --out-dir embeddings/
+    python -m e2p_core evaluate --task depth --suite nyuv2 --data-root nyu_labeled_extracted.tar --dit ... --vae ...
+        --prompt-embeds depth.safetensors --out-dir eval/   # see e2p_core/evaluation
 
 Everything is checked before anything is written, and outputs are written atomically (temp file + rename).
 """
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .backends.memory import MEMORY_MODES
 from .checkpoints import (
     convert_dit,
     load_lora_file,
@@ -68,10 +71,17 @@ def predict(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype]
     prompt = _prompt_embeddings(args, device, dtype)
 
-    dit = load_dit(args.dit, args.dit_config, [_lora_arg(spec) for spec in args.lora])
+    loras = [_lora_arg(spec) for spec in args.lora]
+    if Path(args.dit).suffix.lower() == ".gguf":  # city96 / ComfyUI-GGUF: quantised weights, see backends.gguf
+        from .backends.gguf import load_gguf_dit
+
+        dit = load_gguf_dit(args.dit, args.dit_config, loras)
+    else:
+        dit = load_dit(args.dit, args.dit_config, loras)
     vae = load_vae(args.vae, args.vae_config)
-    denoiser, codec = load_diffusers_backend(dit, vae, dtype, device, args.time_embedding)
+    denoiser, codec = load_diffusers_backend(dit, vae, dtype, device, args.time_embedding, args.memory_mode)
     logger.info("DiT %s (%s naming), %s on %s", Path(args.dit).name, dit.source_format, args.dtype, device)
+    del dit, vae  # on a GPU the host copies are no longer needed: free them (up to the model's size) before running
 
     result = perceive(
         denoiser, codec, image, args.task, prompt,
@@ -191,17 +201,22 @@ def _raw_metadata(args) -> dict[str, str]:
 
 
 def _save_view(path: str, args, result: Perception) -> None:
-    """The user-facing map: depth with the chosen polarity, normals in the chosen convention, or alpha."""
+    """The user-facing map: depth with the chosen polarity, normals in the chosen convention, or alpha.
+
+    ``path`` is the staged temp file; the format comes from the final name ``args.out``.
+    """
+    as_npy = args.out.lower().endswith(".npy")
     output = result.output[0]  # [C,H,W]
     if args.task == "depth":
         view = depth_hint(output, args.depth_polarity)[0].numpy()  # [H,W]
     elif args.task == "normal":
         normals = normals_to_convention(output[None], args.normal_convention)[0]
-        view = (normals if path.endswith(".npy") else normals_to_rgb01(normals)).permute(1, 2, 0).numpy()
+        view = (normals if as_npy else normals_to_rgb01(normals)).permute(1, 2, 0).numpy()
     else:
         view = output[0].numpy()
-    if path.endswith(".npy"):
-        np.save(path, view.astype(np.float32))
+    if as_npy:
+        with open(path, "wb") as handle:  # a file object: np.save would append ".npy" to the temp name
+            np.save(handle, view.astype(np.float32))
         return
     from PIL import Image
 
@@ -316,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processing size: longer side (aligned) or square side (reference), or 'native'")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype (default bf16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--memory-mode", choices=MEMORY_MODES, default="full",
+                   help="how the DiT weights are held: full (compute dtype, default), fp8 (fp8 storage, ~14 GiB), "
+                        "offload (block by block from host memory, 8-12 GB cards), fp8-offload, gguf (kept "
+                        "quantised: a .gguf --dit as is, other files Q8_0)")
     p.add_argument("--time-embedding", choices=TIME_EMBEDDINGS,
                    help="timestep-frequency variant (default: as the DiT file records, else 'reference')")
     p.add_argument("--depth-polarity", choices=("near_white", "near_black"), default="near_white",
@@ -346,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     e.add_argument("--device", default="cpu")
     e.set_defaults(run=embed_prompts)
+
+    from .evaluation.command import add_evaluate_parser  # it imports helpers of this module, so it comes last
+
+    add_evaluate_parser(commands)
     return parser
 
 

@@ -203,3 +203,27 @@ def test_cli_matting_from_clicks_or_mask(prompt_flags, tmp_path, inputs_npz, pro
     assert torch.equal(raw["point_map"][0], torch.from_numpy(inputs_npz["point_mask"]))
     torch.testing.assert_close(raw["output"], reference_output(load_run("matting_1step_fp32"), "matting"),
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["depth", "normal"])
+def test_cli_view_files_hold_the_output_in_the_user_conventions(task, tmp_path, prompt_files, dit_config_file):
+    """--out .npy holds the float map and .png its quantised picture: depth as the near-white hint, normals as
+    ControlNet-BAE RGB; both are computed from the raw output (the reference conventions) by hand here."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    name = f"{task}_1step_fp32"
+    args = cli_args(name, "dit_bfl.safetensors", tmp_path, prompt_files, dit_config_file)
+    assert main(args) == 0
+    png = np.asarray(Image.open(tmp_path / "out.png"))
+    args[args.index("--out") + 1] = str(tmp_path / "out.npy")
+    assert main(args) == 0
+    view = np.load(tmp_path / "out.npy")
+    raw_output = load_file(tmp_path / "raw.safetensors")["output"]
+    assert raw_output.shape[-2:] == view.shape[:2] == png.shape[:2]  # processing grid = input size at native 64px
+    if task == "depth":
+        np.testing.assert_allclose(view, 1 - raw_output[0, 0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(png / 65535, view, atol=1 / 65535)
+    else:
+        np.testing.assert_allclose(view, raw_output[0].permute(1, 2, 0).numpy(), atol=1e-6)
+        np.testing.assert_allclose(png / 255, (view + 1) / 2, atol=1 / 255)

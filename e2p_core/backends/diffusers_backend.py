@@ -6,15 +6,19 @@ Two details of the DiffSynth reference that diffusers does differently are repro
   ``(time + pooled text) + guidance``;
 * the q/k RMSNorm, which normalises in float32, rounds to the model dtype and only then multiplies by the weight
   (``torch.nn.RMSNorm`` rounds once; the difference is one bf16 ulp).
+
+How the DiT's weights are stored (full, fp8, offloaded, GGUF-quantised) is the ``memory_mode``, see ``memory``.
 """
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 
 from ..checkpoints import DiTArchitecture, VAEArchitecture, bfl_to_diffusers
+from ..errors import CheckpointError
 from ..prompts import PromptEmbeddings
 from ..time_embedding import TimeEmbedding, check_time_embedding, sinusoid_frequencies, timestep_sinusoid
 from ..weights import DiTWeights, VAEWeights
+from .memory import MemoryMode, builds_on_host, check_memory_mode, place_transformer
 
 GUIDANCE_SCALE_FACTOR = 1000.0  # Flux embeds guidance like a timestep: 1.0 -> 1000
 
@@ -82,10 +86,12 @@ class ReferenceFluxTransformer(FluxTransformer2DModel):
 class DiffusersDenoiser:
     """:class:`e2p_core.backends.base.Denoiser` over a :class:`ReferenceFluxTransformer`."""
 
-    def __init__(self, transformer: ReferenceFluxTransformer):
+    def __init__(self, transformer: ReferenceFluxTransformer, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
         self.transformer = transformer
-        self.dtype = transformer.dtype
-        self.device = transformer.device
+        # Given explicitly when the weights' own dtype/device are not the compute ones (fp8 storage, offloading).
+        self.dtype = dtype or transformer.dtype
+        self.device = torch.device(device) if device is not None else transformer.device
 
     def __call__(self, tokens, ids, timestep, guidance, prompt: PromptEmbeddings) -> torch.Tensor:
         batch = tokens.shape[0]
@@ -127,11 +133,23 @@ def build_transformer(
     device: torch.device | str,
     time_embedding: TimeEmbedding = "reference",
 ) -> ReferenceFluxTransformer:
-    """Build on the meta device and adopt the given tensors (no second copy of the weights in memory)."""
+    """Build on the meta device and adopt the given tensors (no second copy of the weights in memory).
+
+    GGUF-quantised weights (``backends.gguf``) stay quantised, in ``GGUFLinear`` layers computing in ``dtype``.
+    """
     with torch.device("meta"):
         transformer = ReferenceFluxTransformer(**architecture.to_diffusers_config(), time_embedding=time_embedding)
-    weights = {key: tensor.to(device=device, dtype=dtype) for key, tensor in state_dict_diffusers.items()}
-    transformer.load_state_dict(weights, strict=True, assign=True)
+    quantized = {key: value for key, value in state_dict_diffusers.items() if _is_gguf_quantized(value)}
+    if quantized:
+        from .gguf import adopt_quantized_weights
+
+        adopt_quantized_weights(transformer, quantized, dtype, device)
+    weights = {key: tensor.to(device=device, dtype=dtype) for key, tensor in state_dict_diffusers.items()
+               if key not in quantized}
+    missing, unexpected = transformer.load_state_dict(weights, strict=not quantized, assign=True)
+    if set(missing) != set(quantized) or unexpected:
+        raise CheckpointError(f"DiT weights do not fit the model: missing {sorted(set(missing) - set(quantized))[:5]}, "
+                              f"unexpected {unexpected[:5]}")
     return transformer.eval().requires_grad_(False)
 
 
@@ -148,16 +166,72 @@ def build_vae(
     return vae.eval().requires_grad_(False)
 
 
+def _is_gguf_quantized(tensor: torch.Tensor) -> bool:
+    """A GGUF ``GGUFParameter`` (see ``backends.gguf``), told by its attribute so that gguf is only imported when
+    such weights are present."""
+    return hasattr(tensor, "quant_type")
+
+
 def load_diffusers_backend(
     dit: DiTWeights,
     vae: VAEWeights,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     time_embedding: TimeEmbedding | None = None,
+    memory_mode: MemoryMode = "full",
 ) -> tuple[DiffusersDenoiser, DiffusersCodec]:
     """Denoiser and codec from loaded weights. ``time_embedding`` defaults to what the DiT file records, else
-    ``reference`` (see ``e2p_core.time_embedding``)."""
+    ``reference`` (see ``e2p_core.time_embedding``); ``memory_mode`` says how the DiT's weights are held (see
+    ``backends.memory``). GGUF-quantised weights are dequantised on load unless the mode is ``gguf``."""
     variant = time_embedding or dit.time_embedding or "reference"
-    transformer = build_transformer(bfl_to_diffusers(dit.state_dict_bfl), dit.architecture, dtype, device, variant)
-    return DiffusersDenoiser(transformer), DiffusersCodec(build_vae(vae.state_dict_diffusers, vae.architecture, dtype,
-                                                                   device))
+    mode = check_memory_mode(memory_mode)
+    device = torch.device(device)
+    state_dict_bfl = dit.state_dict_bfl
+    quantized = any(_is_gguf_quantized(value) for value in state_dict_bfl.values())
+    if quantized or mode == "gguf":
+        from . import gguf
+
+        if mode == "gguf":
+            state_dict = gguf.bfl_to_diffusers_quantized(state_dict_bfl if quantized
+                                                         else gguf.quantize_state_dict(state_dict_bfl, device))
+        else:
+            state_dict = bfl_to_diffusers(gguf.dequantize_state_dict(state_dict_bfl, dtype))
+    else:
+        state_dict = bfl_to_diffusers(state_dict_bfl)
+    build_device = torch.device("cpu") if builds_on_host(mode) else device
+    transformer = build_transformer(state_dict, dit.architecture, dtype, build_device, variant)
+    if builds_on_host(mode):
+        place_transformer(transformer, mode, dtype, device)
+    codec = DiffusersCodec(build_vae(vae.state_dict_diffusers, vae.architecture, dtype, device))
+    return DiffusersDenoiser(transformer, dtype, device), codec
+
+
+def speed_up(
+    denoiser: DiffusersDenoiser,
+    codec: DiffusersCodec,
+    *,
+    compile_mode: str | None = None,
+    attention_backend: str | None = None,
+    channels_last_vae: bool = False,
+) -> None:
+    """Optional speed-ups for GPUs, in place. Off by default: the eager path is the reference the parity tests pin.
+
+    * ``compile_mode``: ``torch.compile`` the DiT and the VAE encoder/decoder (``"default"``, ``"max-autotune"``, or
+      ``"reduce-overhead"`` for CUDA graphs; the first call per image size compiles);
+    * ``attention_backend``: a diffusers attention backend for the DiT (``"native"`` = PyTorch SDPA, the default
+      kernel choice; ``"_native_flash"``, ``"_native_cudnn"``, ``"flash"`` with flash-attn installed, ...);
+    * ``channels_last_vae``: NHWC memory format for the VAE's convolutions (faster cuDNN kernels on tensor cores).
+
+    Results agree with the eager path to the dtype's rounding (kernels sum in other orders), not bit for bit.
+    """
+    if attention_backend:
+        denoiser.transformer.set_attention_backend(attention_backend)
+    if channels_last_vae:
+        codec.vae.to(memory_format=torch.channels_last)
+    if compile_mode:
+        import torch._inductor.config as inductor_config
+
+        # Fused pointwise chains would otherwise stay in float32 between ops that eager rounds to bf16.
+        inductor_config.emulate_precision_casts = True
+        for module in (denoiser.transformer, codec.vae.encoder, codec.vae.decoder):
+            module.compile(mode=compile_mode, fullgraph=False, dynamic=False)

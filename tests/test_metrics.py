@@ -1,0 +1,218 @@
+"""e2p_core.metrics against hand-computed values and independent numpy/scipy formulations."""
+
+import math
+from collections import deque
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+
+from e2p_core.metrics import (
+    DEPTH_METRICS,
+    align_depth,
+    angular_error_metrics,
+    connectivity_error,
+    depth_metrics,
+    matting_metrics,
+    normal_angular_errors,
+    normal_metrics,
+)
+
+# ---------------------------------------------------------------------------------------------------------- depth
+
+
+def test_depth_hand_case_in_linear_space():
+    # By hand: the LSQ line through (0,1), (0.5,2), (1,4) is g = 3p + 5/6, so the aligned depths are 5/6, 7/3, 23/6.
+    prediction = torch.tensor([[0.0, 0.5, 1.0]])
+    depth_m = torch.tensor([[1.0, 2.0, 4.0]])
+    metrics = depth_metrics(prediction, depth_m, torch.ones(1, 3, dtype=torch.bool), space="uniform")
+    assert metrics["abs_rel"] == pytest.approx((1 / 6 + (1 / 3) / 2 + (1 / 6) / 4) / 3)  # = 0.125
+    assert metrics["sq_rel"] == pytest.approx((1 / 36 + (1 / 9) / 2 + (1 / 36) / 4) / 3)
+    assert metrics["rmse"] == pytest.approx(math.sqrt(1 / 18))
+    assert metrics["delta1"] == 1.0  # worst ratio is 1/(5/6) = 1.2 < 1.25
+    logs = np.log([5 / 6, 7 / 3, 23 / 6]) - np.log([1, 2, 4])
+    assert metrics["silog"] == pytest.approx(100 * math.sqrt(np.mean(logs**2) - np.mean(logs) ** 2))
+
+
+def _numpy_depth_metrics(prediction, depth_m, valid, to_space, from_space, min_depth, max_depth):
+    """An independent formulation of the official protocol: np.linalg.lstsq in the space, back, clip, formulas."""
+    p, g = prediction[valid], depth_m[valid]
+    (scale, shift), *_ = np.linalg.lstsq(np.stack([p, np.ones_like(p)], 1), to_space(g), rcond=None)
+    pred = np.clip(from_space(scale * p + shift), min_depth, max_depth)
+    ratio = np.maximum(pred / g, g / pred)
+    log_diff = np.log(pred) - np.log(g)
+    return {
+        "abs_rel": np.mean(np.abs(pred - g) / g), "sq_rel": np.mean((pred - g) ** 2 / g),
+        "rmse": np.sqrt(np.mean((pred - g) ** 2)), "rmse_log": np.sqrt(np.mean(log_diff**2)),
+        "log10": np.mean(np.abs(np.log10(pred) - np.log10(g))), "silog": 100 * np.sqrt(np.var(log_diff)),
+        "delta1": np.mean(ratio < 1.25), "delta2": np.mean(ratio < 1.25**2), "delta3": np.mean(ratio < 1.25**3),
+    }
+
+
+SPACES = {  # the E2P evaluation's own maps: sqrt(GT + 1e-6) then aligned², log then exp, or nothing
+    "sqrt": (lambda d: np.sqrt(d + 1e-6), lambda a: a**2),
+    "log": (lambda d: np.log(d + 1e-6), np.exp),
+    "uniform": (lambda d: d, lambda a: a),
+}
+
+
+@pytest.mark.parametrize("space", sorted(SPACES))
+def test_depth_metrics_match_an_independent_numpy_formulation(space):
+    rng = np.random.default_rng(3)
+    depth_m = rng.uniform(0.5, 9.0, (24, 32))
+    prediction = np.clip(np.sqrt(depth_m) / 3 + rng.normal(0, 0.05, depth_m.shape), 0, 1)  # a noisy sqrt-ish guess
+    valid = rng.random(depth_m.shape) > 0.2
+    ours = depth_metrics(torch.tensor(prediction, dtype=torch.float32), torch.tensor(depth_m), torch.tensor(valid),
+                         space=space, min_depth=1e-3, max_depth=10.0)
+    expected = _numpy_depth_metrics(prediction.astype(np.float32).astype(np.float64), depth_m, valid, *SPACES[space],
+                                    1e-3, 10.0)
+    assert set(ours) == set(DEPTH_METRICS)
+    for key in DEPTH_METRICS:
+        assert ours[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9), key
+
+
+def test_sqrt_alignment_is_exact_for_an_affine_sqrt_prediction_and_differs_from_linear():
+    depth_m = torch.linspace(0.5, 8.0, 60, dtype=torch.float64).reshape(6, 10)
+    prediction = (torch.sqrt(depth_m + 1e-6) - 0.6) / 2.5  # what a perfect sqrt-trained model outputs
+    valid = torch.ones_like(depth_m, dtype=torch.bool)
+    exact = depth_metrics(prediction, depth_m, valid)  # default space: sqrt
+    assert exact["abs_rel"] < 1e-9 and exact["delta1"] == 1.0 and exact["rmse"] < 1e-8
+    linear = depth_metrics(prediction, depth_m, valid, space="uniform")
+    assert linear["abs_rel"] > 1e-3  # aligning a sqrt-depth prediction linearly is the wrong protocol
+
+
+def test_depth_ignores_invalid_pixels_and_clips_to_the_range():
+    rng = np.random.default_rng(4)
+    depth_m = torch.tensor(rng.uniform(1, 5, (8, 8)))
+    prediction = torch.tensor(rng.random((8, 8)))
+    valid = torch.ones(8, 8, dtype=torch.bool)
+    valid[:, :2] = False
+    corrupted_gt, corrupted_pred = depth_m.clone(), prediction.clone()
+    corrupted_gt[:, 0], corrupted_gt[:, 1], corrupted_pred[:, :2] = float("nan"), 0.0, 1e6
+    assert depth_metrics(corrupted_pred, corrupted_gt, valid) == pytest.approx(
+        depth_metrics(prediction[:, 2:], depth_m[:, 2:], torch.ones(8, 6, dtype=torch.bool)))
+    aligned = align_depth(prediction, depth_m, valid, min_depth=1.5, max_depth=2.0)
+    assert aligned.min() >= 1.5 and aligned.max() <= 2.0
+    assert all(math.isnan(v) for v in depth_metrics(prediction, depth_m, torch.zeros_like(valid)).values())
+
+
+# -------------------------------------------------------------------------------------------------------- normals
+
+
+def _rotated_about_x(angle_deg: float, length: float) -> list[float]:
+    angle = math.radians(angle_deg)
+    return [0.0, length * math.sin(angle), length * math.cos(angle)]
+
+
+def test_normal_hand_case():
+    # GT +z; predictions at 0, 10, 20, 40 degrees with various lengths; a fifth pixel is invalid garbage.
+    prediction = torch.tensor([_rotated_about_x(a, s) for a, s in [(0, 1), (10, 2), (20, 0.5), (40, 1), (90, 1)]]).T
+    normals = torch.tensor([[0.0, 0.0, 1.0]] * 4 + [[0.0, 0.0, 0.0]]).T
+    valid = torch.tensor([True] * 4 + [False])
+    metrics = normal_metrics(prediction[:, None], normals[:, None], valid[None])
+    assert metrics["mean"] == pytest.approx(17.5)
+    assert metrics["median"] == pytest.approx(15.0)  # numpy's median of an even count: mean of 10 and 20
+    assert metrics["rmse"] == pytest.approx(math.sqrt((0 + 100 + 400 + 1600) / 4))
+    assert [metrics[k] for k in ("below_5", "below_7_5", "below_11_25", "below_22_5", "below_30")] == \
+        pytest.approx([25, 25, 50, 75, 75])
+
+
+def test_normal_errors_match_a_pixel_loop_and_pool_over_images():
+    rng = np.random.default_rng(5)
+    prediction, normals = rng.normal(size=(2, 3, 5, 7))
+    valid = rng.random((5, 7)) > 0.3
+    errors = normal_angular_errors(torch.tensor(prediction), torch.tensor(normals), torch.tensor(valid)).numpy()
+    expected = [math.degrees(math.acos(np.clip(np.dot(prediction[:, r, c], normals[:, r, c])
+                                               / np.linalg.norm(prediction[:, r, c]) / np.linalg.norm(normals[:, r, c]),
+                                               -1, 1)))
+                for r in range(5) for c in range(7) if valid[r, c]]
+    np.testing.assert_allclose(errors, expected, atol=1e-9)
+    # Pooled (FE2E) differs from per-image (E2P) when images have different pixel counts.
+    other = np.array([1.0, 2.0])
+    pooled = angular_error_metrics(np.concatenate([errors, other]))
+    assert pooled["mean"] == pytest.approx(np.mean(np.concatenate([errors, other])))
+    assert pooled["median"] == pytest.approx(np.median(np.concatenate([errors, other])))
+    assert math.isnan(angular_error_metrics(np.zeros(0))["mean"])
+
+
+# -------------------------------------------------------------------------------------------------------- matting
+
+
+def _dim_gradient(image: np.ndarray, sigma: float = 1.4) -> tuple[np.ndarray, np.ndarray]:
+    """The Deep Image Matting evaluation's gaussgradient, written out as in its Python port."""
+    def gauss(x):
+        return np.exp(-x**2 / (2 * sigma**2)) / (sigma * np.sqrt(2 * np.pi))
+
+    half = int(np.ceil(sigma * np.sqrt(-2 * np.log(np.sqrt(2 * np.pi) * sigma * 1e-2))))
+    size = 2 * half + 1
+    hx = np.zeros((size, size))
+    for i in range(size):
+        for j in range(size):
+            hx[i, j] = gauss(i - half) * (-(j - half) * gauss(j - half) / sigma**2)
+    hx /= np.sqrt(np.sum(hx * hx))
+    return (scipy.ndimage.convolve(image, hx, mode="nearest"), scipy.ndimage.convolve(image, hx.T, mode="nearest"))
+
+
+def test_matting_metrics_match_the_dim_formulas():
+    rng = np.random.default_rng(6)
+    gt = np.clip(scipy.ndimage.gaussian_filter((rng.random((20, 26)) > 0.5).astype(float), 2) * 1.5, 0, 1)
+    pred = np.clip(gt + rng.normal(0, 0.1, gt.shape), 0, 1)
+    metrics = matting_metrics(torch.tensor(pred, dtype=torch.float32), gt)
+    pred = pred.astype(np.float32).astype(np.float64)
+    assert metrics["mse"] == pytest.approx(np.sum((pred - gt) ** 2) / pred.size)
+    assert metrics["mad"] == pytest.approx(np.sum(np.abs(pred - gt)) / pred.size)
+    assert metrics["sad"] == pytest.approx(np.sum(np.abs(pred - gt)) / 1000)
+    pred_gx, pred_gy = _dim_gradient(pred)
+    gt_gx, gt_gy = _dim_gradient(gt)
+    expected_grad = np.sum((np.hypot(pred_gx, pred_gy) - np.hypot(gt_gx, gt_gy)) ** 2) / 1000
+    assert metrics["grad"] == pytest.approx(expected_grad, rel=1e-9)
+    assert metrics["conn"] == pytest.approx(_flood_fill_connectivity(pred, gt))
+    assert matting_metrics(gt, gt) == pytest.approx(dict.fromkeys(metrics, 0.0))
+    with pytest.raises(ValueError, match="same"):
+        matting_metrics(gt, gt[:, :-1])
+
+
+def test_connectivity_hand_cases():
+    # The last pixel is foreground in GT only: it leaves the component at the first threshold, level 0, so
+    # φ_gt = 1 − 1 = 0 and φ_pred = 1 − 0·[0 ≥ 0.15] = 1.
+    assert connectivity_error(np.array([[1.0, 1.0, 0.0, 0.0]]), np.array([[1.0, 1.0, 0.0, 1.0]])) == \
+        pytest.approx(1 / 1000)
+    # A half-transparent island: connected to nothing, level 0, φ_pred = 0.5 and φ_gt = 0.
+    assert connectivity_error(np.array([[1.0, 1.0, 0.0, 0.5]]), np.array([[1.0, 1.0, 0.0, 1.0]])) == \
+        pytest.approx(0.5 / 1000)
+    # Diagonal neighbours are not connected (4-connectivity): the corner pixel is an island at level 0, so
+    # φ_pred = 1 − 1 = 0 and φ_gt = 1 − 0.95 = 0.05. With 8-connectivity it would stay connected up to 0.9 and give 0.
+    assert connectivity_error(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]),
+                              np.array([[0.95, 0.0, 0.0], [0.0, 1.0, 1.0]])) == pytest.approx(0.05 / 1000)
+    assert connectivity_error(np.eye(3), np.eye(3)) == 0.0
+
+
+def _flood_fill_connectivity(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Connectivity error with a breadth-first flood fill instead of scipy.ndimage.label."""
+    height, width = pred.shape
+    level = np.full(pred.shape, -1.0)
+    thresholds = np.arange(0, 1.1, 0.1)
+    for i in range(1, len(thresholds)):
+        both = (pred >= thresholds[i]) & (gt >= thresholds[i])
+        seen, best = np.zeros_like(both), []
+        for start in zip(*np.nonzero(both)):
+            if seen[start]:
+                continue
+            component, queue = [], deque([start])
+            seen[start] = True
+            while queue:
+                r, c = queue.popleft()
+                component.append((r, c))
+                for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                    if 0 <= nr < height and 0 <= nc < width and both[nr, nc] and not seen[nr, nc]:
+                        seen[nr, nc] = True
+                        queue.append((nr, nc))
+            best = component if len(component) > len(best) else best
+        omega = np.zeros_like(both)
+        for pixel in best:
+            omega[pixel] = True
+        level[(level == -1) & ~omega] = thresholds[i - 1]
+    level[level == -1] = 1
+    phi = [1 - (a - level) * ((a - level) >= 0.15) for a in (pred, gt)]
+    return float(np.abs(phi[0] - phi[1]).sum() / 1000)
