@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .backends.memory import MEMORY_MODES
 from .checkpoints import (
     convert_dit,
     load_lora_file,
@@ -34,29 +33,34 @@ from .checkpoints import (
     vae_diffusers_to_bfl,
     vae_to_diffusers,
 )
+from .cli_models import (
+    DTYPES,
+    add_model_arguments,
+    device_and_dtype,
+    load_model,
+    lora_arg,
+    prompt_embeddings,
+    prompt_text,
+    resolution_arg,
+)
 from .conventions import depth_hint, normals_to_convention, normals_to_rgb01
 from .errors import E2PError, InputError
+from .evaluation.command import add_evaluate_parser
 from .images import load_image_rgb
 from .pipeline import Perception, PointPrompt
 from .points import parse_points, to_pixel_coords, warn_negative_points
-from .prompts import cached_prompt_embeddings, encode_prompts, load_prompt_embeddings, save_prompt_embeddings
-from .tasks import MATTING_PROMPT_INFERENCE_PY, TASKS
-from .time_embedding import TIME_EMBEDDINGS
+from .prompts import encode_prompts, save_prompt_embeddings
+from .tasks import TASKS
 from .weights import TIME_EMBEDDING_METADATA_KEY
 
 logger = logging.getLogger("e2p_core")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DEFAULT_CACHE_DIR = Path(os.environ.get("E2P_CACHE_DIR", Path.home() / ".cache" / "edit2perceive"))
 
 
 # ------------------------------------------------------------------------------------------------------- predict
 
 
 def predict(args: argparse.Namespace) -> None:
-    from .backends.diffusers_backend import load_diffusers_backend  # diffusers is only imported when predicting
     from .pipeline import perceive
-    from .weights import load_dit, load_vae
 
     # Read and check every input before loading models, so a typo costs nothing and nothing is written.
     _check_output_path(args.out, (".png", ".npy"), "--out")
@@ -65,23 +69,11 @@ def predict(args: argparse.Namespace) -> None:
     image = load_image_rgb(args.image)
     points, point_map = _point_prompt(args, image.shape[:2])
     noise = _read_tensor_file(args.noise, "noise") if args.noise else None
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but no CUDA GPU is available")
-    dtype = DTYPES[args.dtype]
-    prompt = _prompt_embeddings(args, device, dtype)
+    device, dtype = device_and_dtype(args)
+    prompt = prompt_embeddings(args, device, dtype)
 
-    loras = [_lora_arg(spec) for spec in args.lora]
-    if Path(args.dit).suffix.lower() == ".gguf":  # city96 / ComfyUI-GGUF: quantised weights, see backends.gguf
-        from .backends.gguf import load_gguf_dit
-
-        dit = load_gguf_dit(args.dit, args.dit_config, loras)
-    else:
-        dit = load_dit(args.dit, args.dit_config, loras)
-    vae = load_vae(args.vae, args.vae_config)
-    denoiser, codec = load_diffusers_backend(dit, vae, dtype, device, args.time_embedding, args.memory_mode)
-    logger.info("DiT %s (%s naming), %s on %s", Path(args.dit).name, dit.source_format, args.dtype, device)
-    del dit, vae  # on a GPU the host copies are no longer needed: free them (up to the model's size) before running
+    denoiser, codec, source_format = load_model(args, device, dtype)
+    logger.info("DiT %s (%s naming), %s on %s", Path(args.dit).name, source_format, args.dtype, device)
 
     result = perceive(
         denoiser, codec, image, args.task, prompt,
@@ -97,30 +89,6 @@ def _check_output_path(path: str, suffixes: tuple[str, ...], flag: str) -> None:
         raise InputError(f"{flag} {path}: expected a {' or '.join(suffixes)} file")
     if Path(path).is_dir():
         raise InputError(f"{flag} {path} is a folder; give a file name")
-
-
-def _prompt_embeddings(args, device, dtype):
-    if args.prompt_embeds:
-        return load_prompt_embeddings(args.prompt_embeds).to(device, dtype)
-    if not args.text_encoders:
-        raise InputError("give --prompt-embeds FILE (see `embed-prompts`) or --text-encoders FOLDER")
-    return cached_prompt_embeddings(_prompt_text(args.task, args.matting_prompt), args.text_encoders, args.cache_dir,
-                                    device, dtype)
-
-
-def _prompt_text(task: str, matting_prompt: str) -> str:
-    return MATTING_PROMPT_INFERENCE_PY if task == "matting" and matting_prompt == "inference_py" else TASKS[task].prompt
-
-
-def _lora_arg(spec: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:STRENGTH``."""
-    path, sep, strength = spec.rpartition(":")
-    if sep and path and not Path(spec).exists():
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def _point_prompt(args, image_hw):
@@ -234,7 +202,7 @@ def convert(args: argparse.Namespace) -> None:
     if args.kind == "dit":
         from .weights import load_dit
 
-        dit = load_dit(args.input, args.config, [_lora_arg(spec) for spec in args.lora])
+        dit = load_dit(args.input, args.config, [lora_arg(spec) for spec in args.lora])
         tensors = convert_dit(dit.state_dict_bfl, args.to)
         if dit.time_embedding:
             metadata = {TIME_EMBEDDING_METADATA_KEY: dit.time_embedding}
@@ -265,7 +233,7 @@ def embed_prompts(args: argparse.Namespace) -> None:
             raise InputError("--prompt needs --out FILE")
         jobs = [(args.prompt, Path(args.out))]
     else:
-        jobs = [(_prompt_text(task, args.matting_prompt), Path(args.out_dir) / f"{task}.safetensors")
+        jobs = [(prompt_text(task, args.matting_prompt), Path(args.out_dir) / f"{task}.safetensors")
                 for task in args.task]
     embeddings = encode_prompts([prompt for prompt, _ in jobs], args.text_encoders, args.device, DTYPES[args.dtype])
     for (_, path), embedding in zip(jobs, embeddings):
@@ -276,15 +244,6 @@ def embed_prompts(args: argparse.Namespace) -> None:
 # -------------------------------------------------------------------------------------------------------- parser
 
 
-def _resolution(value: str):
-    if value == "native":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'native', got {value!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m e2p_core", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -292,19 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", help="run Edit2Perceive on one image")
     p.add_argument("--task", required=True, choices=sorted(TASKS), help="what to predict")
-    p.add_argument("--dit", required=True, help="base or E2P DiT: BFL/ComfyUI file (fp8 ok), DiffSynth file, "
-                                                "or diffusers folder")
-    p.add_argument("--dit-config", help="diffusers-style config.json for non-standard DiT sizes (RoPE axes)")
-    p.add_argument("--lora", action="append", default=[], help="task LoRA (kohya/PEFT), PATH or PATH:STRENGTH; "
-                                                              "repeatable")
-    p.add_argument("--vae", required=True, help="Flux VAE: BFL ae.safetensors or diffusers folder")
-    p.add_argument("--vae-config", help="diffusers-style config.json for a non-standard VAE")
-    p.add_argument("--prompt-embeds", help="safetensors with prompt_embeds [1,L,D] and pooled_prompt_embeds [1,P]")
-    p.add_argument("--text-encoders", help="FLUX folder with text_encoder(_2)/tokenizer(_2), instead of "
-                                           "--prompt-embeds; results are cached")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="prompt-embedding cache (default: %(default)s)")
-    p.add_argument("--matting-prompt", choices=("training", "inference_py"), default="training",
-                   help="matting prompt: the training caption (default) or the reference inference.py one")
+    add_model_arguments(p)
     p.add_argument("--image", required=True, help="input image (RGB; grayscale and RGBA are converted)")
     p.add_argument("--out", required=True, help="output map: .png (16-bit gray for depth/alpha, 8-bit RGB for "
                                                 "normals) or .npy (float32)")
@@ -327,16 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point-map", help="soft point map in [0,1] at the image size: PNG or safetensors 'point_map'")
     p.add_argument("--resize", choices=("aligned", "reference"), default="aligned",
                    help="aligned: keep aspect, pad to /16, exact H x W back (default); reference: square squash")
-    p.add_argument("--resolution", type=_resolution, default=768,
+    p.add_argument("--resolution", type=resolution_arg, default=768,
                    help="processing size: longer side (aligned) or square side (reference), or 'native'")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype (default bf16)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--memory-mode", choices=MEMORY_MODES, default="full",
-                   help="how the DiT weights are held: full (compute dtype, default), fp8 (fp8 storage, ~14 GiB), "
-                        "offload (block by block from host memory, 8-12 GB cards), fp8-offload, gguf (kept "
-                        "quantised: a .gguf --dit as is, other files Q8_0)")
-    p.add_argument("--time-embedding", choices=TIME_EMBEDDINGS,
-                   help="timestep-frequency variant (default: as the DiT file records, else 'reference')")
     p.add_argument("--depth-polarity", choices=("near_white", "near_black"), default="near_white",
                    help="depth --out polarity: near_white for ControlNet (default), near_black as predicted")
     p.add_argument("--normal-convention", choices=("controlnet_bae", "opengl", "directx"), default="controlnet_bae",
@@ -365,8 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     e.add_argument("--device", default="cpu")
     e.set_defaults(run=embed_prompts)
-
-    from .evaluation.command import add_evaluate_parser  # it imports helpers of this module, so it comes last
 
     add_evaluate_parser(commands)
     return parser

@@ -394,13 +394,13 @@ def test_embed_prompts_cli_writes_one_file_per_task(encoders: TinyEncoders, tmp_
 
 def test_predict_encodes_its_prompt_once_through_the_cache(encoders: TinyEncoders, tmp_path: Path, monkeypatch) -> None:
     """``predict --text-encoders`` with a cache dir: the second run reads the cache (T5 is loaded once, ever)."""
-    from e2p_core import cli
+    from e2p_core import cli, cli_models
 
     calls = _count_encodings(monkeypatch)
     args = cli.build_parser().parse_args(["predict", "--task", "normal", "--dit", "x", "--vae", "y", "--image", "z",
                                           "--out", "o.png", "--text-encoders", str(encoders.folder),
                                           "--cache-dir", str(tmp_path), "--dtype", "fp32", "--device", "cpu"])
-    first = cli._prompt_embeddings(args, torch.device("cpu"), torch.float32)
-    second = cli._prompt_embeddings(args, torch.device("cpu"), torch.float32)
+    first = cli_models.prompt_embeddings(args, torch.device("cpu"), torch.float32)
+    second = cli_models.prompt_embeddings(args, torch.device("cpu"), torch.float32)
     assert len(calls) == 1 and calls[0] == [NORMAL]
     torch.testing.assert_close(first.prompt_embeds, second.prompt_embeds, rtol=0, atol=0)

@@ -14,13 +14,18 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
-from ..cli import DEFAULT_CACHE_DIR, DTYPES, _lora_arg, _prompt_embeddings, _prompt_text, _resolution
+from ..cli_models import (
+    add_model_arguments,
+    device_and_dtype,
+    load_model,
+    lora_arg,
+    prompt_embeddings,
+    prompt_text,
+    resolution_arg,
+)
 from ..errors import InputError
 from ..targets import DEPTH_SPACES
 from ..tasks import TASKS
-from ..time_embedding import TIME_EMBEDDINGS
 from .report import write_report
 from .runner import BENCHMARK_POINT_SIGMA_PX, EvaluationSettings, Model, evaluate_suite
 from .suites import SUITES, get_suite
@@ -29,25 +34,16 @@ logger = logging.getLogger("e2p_core")
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from ..backends.diffusers_backend import load_diffusers_backend  # diffusers is only imported when evaluating
-    from ..weights import load_dit, load_vae
-
     # Check every suite and path before loading the model, so a typo costs nothing.
     jobs = _suite_jobs(args)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but no CUDA GPU is available")
-    dtype = DTYPES[args.dtype]
-    prompt = _prompt_embeddings(args, device, dtype)
-    expected_prompt = _prompt_text(args.task, args.matting_prompt)
+    device, dtype = device_and_dtype(args)
+    prompt = prompt_embeddings(args, device, dtype)
+    expected_prompt = prompt_text(args.task, args.matting_prompt)
     if prompt.prompt is not None and prompt.prompt != expected_prompt:
         logger.warning("the prompt embeddings were made from %r, not the %s prompt %r", prompt.prompt, args.task,
                        expected_prompt)
 
-    loras = [_lora_arg(spec) for spec in args.lora]
-    dit = load_dit(args.dit, args.dit_config, loras)
-    denoiser, codec = load_diffusers_backend(dit, load_vae(args.vae, args.vae_config), dtype, device,
-                                             args.time_embedding)
+    denoiser, codec, _ = load_model(args, device, dtype)
     model = Model(args.task, denoiser, codec, prompt)
     settings = EvaluationSettings(steps=args.steps, seed=args.seed, resize=args.resize, resolution=args.resolution,
                                   depth_space=args.depth_space, normal_aggregation=args.normal_aggregation,
@@ -60,7 +56,7 @@ def evaluate(args: argparse.Namespace) -> None:
                                 on_sample=lambda i, n, name: logger.info("[%d/%d] %s", i + 1, n, name))
         logger.info("%s: %s", suite.title, ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
         results.append(result)
-    method = args.name or " + ".join(Path(path).stem for path in [args.dit, *(path for path, _ in loras)])
+    method = args.name or " + ".join(Path(path).stem for path in [args.dit, *(lora_arg(spec)[0] for spec in args.lora)])
     paths = write_report(results, args.out_dir, method, settings)
     print((Path(args.out_dir) / "results.md").read_text())
     logger.info("wrote %s", ", ".join(map(str, paths)))
@@ -98,21 +94,12 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     v.add_argument("--out-dir", default="eval_results", help="where results.md/.csv go (default %(default)s)")
     v.add_argument("--name", help="the method's name in the table (default: the DiT and LoRA file names)")
     v.add_argument("--limit", type=int, help="evaluate only the first N samples of each suite")
-    v.add_argument("--dit", required=True, help="base or E2P DiT: BFL/ComfyUI file (fp8 ok), DiffSynth file, "
-                                                "or diffusers folder")
-    v.add_argument("--dit-config", help="diffusers-style config.json for non-standard DiT sizes (RoPE axes)")
-    v.add_argument("--lora", action="append", default=[], help="task LoRA, PATH or PATH:STRENGTH; repeatable")
-    v.add_argument("--vae", required=True, help="Flux VAE: BFL ae.safetensors or diffusers folder")
-    v.add_argument("--vae-config", help="diffusers-style config.json for a non-standard VAE")
-    v.add_argument("--prompt-embeds", help="safetensors with prompt_embeds and pooled_prompt_embeds (embed-prompts)")
-    v.add_argument("--text-encoders", help="FLUX folder with the text encoders, instead of --prompt-embeds")
-    v.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="prompt-embedding cache (default: %(default)s)")
-    v.add_argument("--matting-prompt", choices=("training", "inference_py"), default="training")
+    add_model_arguments(v)
     v.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, as the official benchmarks)")
     v.add_argument("--seed", type=int, default=42, help="noise seed (default 42)")
     v.add_argument("--resize", choices=("aligned", "reference"), default="reference",
                    help="reference: the official square squash (default); aligned: keep the aspect ratio")
-    v.add_argument("--resolution", type=_resolution, default=768, help="processing size (default 768) or 'native'")
+    v.add_argument("--resolution", type=resolution_arg, default=768, help="processing size (default 768) or 'native'")
     v.add_argument("--depth-space", choices=DEPTH_SPACES, default="sqrt",
                    help="space of the least-squares depth alignment: sqrt (default, the released sqrt-trained "
                         "model), log (FE2E), uniform (linear depth)")
@@ -120,8 +107,4 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
                    help="per_image: average per-image metrics (E2P, default); pooled: all pixels together (FE2E)")
     v.add_argument("--point-sigma", type=float, default=BENCHMARK_POINT_SIGMA_PX,
                    help="matting: σ of the simulated click Gaussians in ground-truth pixels (default %(default)s)")
-    v.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype (default bf16)")
-    v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    v.add_argument("--time-embedding", choices=TIME_EMBEDDINGS,
-                   help="timestep-frequency variant (default: as the DiT file records, else 'reference')")
     v.set_defaults(run=evaluate)

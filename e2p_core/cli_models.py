@@ -1,0 +1,107 @@
+"""Command-line options shared by the commands that run a model (``predict``, ``evaluate``), and the loading they
+describe: the DiT (+ LoRAs, GGUF, memory mode), the VAE, the task prompt, the device and the compute dtype."""
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from .backends.memory import MEMORY_MODES
+from .errors import InputError
+from .prompts import PromptEmbeddings, cached_prompt_embeddings, load_prompt_embeddings
+from .tasks import MATTING_PROMPT_INFERENCE_PY, TASKS
+from .time_embedding import TIME_EMBEDDINGS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_CACHE_DIR = Path(os.environ.get("E2P_CACHE_DIR", Path.home() / ".cache" / "edit2perceive"))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The weights, prompt, device, dtype and memory options (the task and the run options are the command's)."""
+    parser.add_argument("--dit", required=True, help="base or E2P DiT: BFL/ComfyUI file (fp8 ok), DiffSynth file, "
+                                                     "city96/ComfyUI-GGUF .gguf, or diffusers folder")
+    parser.add_argument("--dit-config", help="diffusers-style config.json for non-standard DiT sizes (RoPE axes)")
+    parser.add_argument("--lora", action="append", default=[],
+                        help="task LoRA (kohya/PEFT), PATH or PATH:STRENGTH; repeatable")
+    parser.add_argument("--vae", required=True, help="Flux VAE: BFL ae.safetensors or diffusers folder")
+    parser.add_argument("--vae-config", help="diffusers-style config.json for a non-standard VAE")
+    parser.add_argument("--prompt-embeds",
+                        help="safetensors with prompt_embeds [1,L,D] and pooled_prompt_embeds [1,P] (embed-prompts)")
+    parser.add_argument("--text-encoders", help="FLUX folder with text_encoder(_2)/tokenizer(_2), instead of "
+                                                "--prompt-embeds; results are cached")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
+                        help="prompt-embedding cache (default: %(default)s)")
+    parser.add_argument("--matting-prompt", choices=("training", "inference_py"), default="training",
+                        help="matting prompt: the training caption (default) or the reference inference.py one")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype (default bf16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--memory-mode", choices=MEMORY_MODES, default="full",
+                        help="how the DiT weights are held: full (compute dtype, default), fp8 (fp8 storage, "
+                             "~14 GiB), offload (block by block from host memory, 8-12 GB cards), fp8-offload, "
+                             "gguf (kept quantised: a .gguf --dit as is, other files Q8_0)")
+    parser.add_argument("--time-embedding", choices=TIME_EMBEDDINGS,
+                        help="timestep-frequency variant (default: as the DiT file records, else 'reference')")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA GPU is available")
+    return device, DTYPES[args.dtype]
+
+
+def prompt_text(task: str, matting_prompt: str) -> str:
+    return MATTING_PROMPT_INFERENCE_PY if task == "matting" and matting_prompt == "inference_py" else TASKS[task].prompt
+
+
+def prompt_embeddings(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
+    """The task prompt from ``--prompt-embeds``, or encoded with ``--text-encoders`` through the on-disk cache."""
+    if args.prompt_embeds:
+        return load_prompt_embeddings(args.prompt_embeds).to(device, dtype)
+    if not args.text_encoders:
+        raise InputError("give --prompt-embeds FILE (see `embed-prompts`) or --text-encoders FOLDER")
+    return cached_prompt_embeddings(prompt_text(args.task, args.matting_prompt), args.text_encoders, args.cache_dir,
+                                    device, dtype)
+
+
+def lora_arg(spec: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:STRENGTH``."""
+    path, sep, strength = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def resolution_arg(value: str) -> int | str:
+    """An integer processing size, or ``native``."""
+    if value == "native":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'native', got {value!r}") from None
+
+
+def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """``(denoiser, codec, source_format)`` of the diffusers backend for ``--dit``/``--lora``/``--vae``.
+
+    diffusers is imported here, not at module level: only commands that run a model pay for it.
+    """
+    from .backends.diffusers_backend import load_diffusers_backend
+    from .weights import load_dit, load_vae
+
+    loras = [lora_arg(spec) for spec in args.lora]
+    if Path(args.dit).suffix.lower() == ".gguf":  # city96 / ComfyUI-GGUF: quantised weights, see backends.gguf
+        from .backends.gguf import load_gguf_dit
+
+        dit = load_gguf_dit(args.dit, args.dit_config, loras)
+    else:
+        dit = load_dit(args.dit, args.dit_config, loras)
+    vae = load_vae(args.vae, args.vae_config)
+    denoiser, codec = load_diffusers_backend(dit, vae, dtype, device, args.time_embedding, args.memory_mode)
+    # The caller drops its references with ours: on a GPU the host copies of the weights are freed before running.
+    return denoiser, codec, dit.source_format
