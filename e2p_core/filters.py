@@ -15,7 +15,9 @@ GRAD_SIGMA = 1.4
 GRAD_EPSILON = 1e-2
 
 
-def gaussian_derivative_kernels(sigma: float = GRAD_SIGMA, epsilon: float = GRAD_EPSILON) -> tuple[torch.Tensor, torch.Tensor]:
+def gaussian_derivative_kernels(
+    sigma: float = GRAD_SIGMA, epsilon: float = GRAD_EPSILON
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kernel_x, kernel_y)``, float64 ``[K, K]``: ``G(row)·G'(col)`` and its transpose, normalised to unit L2 norm.
 
     The half size is where the Gaussian falls below ``epsilon`` of its peak density: 4 for σ = 1.4, so K = 9.
@@ -40,7 +42,8 @@ def gaussian_gradient_magnitude(
 
     ``padding``: ``"replicate"`` matches scipy ``convolve(mode="nearest")`` of the metric; ``"zeros"`` matches the
     reference training loss's ``same`` zero padding. The kernels are applied as a true convolution (flipped), like scipy.
-    ``eps_sqrt`` is added under the square root: a loss needs it > 0 for a finite gradient where the image is flat.
+    ``eps_sqrt`` is added under the square root: a loss needs it > 0 for a finite gradient where the image is
+    flat.
     """
     if padding not in ("replicate", "zeros"):
         raise ValueError(f"padding must be 'replicate' or 'zeros', got {padding!r}")

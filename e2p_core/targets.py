@@ -1,8 +1,8 @@
 """Target encodings of the three tasks (what the DiT learns to predict) and the inverse maps evaluation needs.
 
 Depth (E2P-SPEC §4.4): metres → a monotone "space" (``sqrt`` as released, FE2E's ``log``, or ``uniform``) → affine
-normalisation by the 2nd/98th percentiles of the valid pixels → ``[-1, 1]`` with near = −1. The model output is therefore
-affine-invariant in that space: evaluation aligns in the same space and maps back with ``depth_from_space``.
+normalisation by the 2nd/98th percentiles of the valid pixels → ``[-1, 1]`` with near = −1. The model output is
+therefore affine-invariant in that space: evaluation aligns in the same space and maps back with ``depth_from_space``.
 Normals (§4.5): unit vectors in the E2P camera frame (+x left, +y up, +z toward the camera).
 Matting (§4.6): alpha in ``[-1, 1]``, binarised at 0.5 as the paper says, or soft as the release trains.
 """
@@ -46,8 +46,9 @@ def encode_depth_target(
 ) -> torch.Tensor:
     """Depth ``[H, W]`` in metres with its ``valid`` mask → the training target ``[H, W]`` in ``[-1, 1]``, near = −1.
 
-    The low/high percentiles of the valid pixels (in the chosen space) map to −1/+1 and the rest is clipped; invalid pixels
-    get whatever the clip gives and must be excluded by the mask in the loss. A sample without valid pixels is an error.
+    The low/high percentiles of the valid pixels (in the chosen space) map to −1/+1 and the rest is clipped; invalid
+    pixels get whatever the clip gives and must be excluded by the mask in the loss. A sample without valid pixels is
+    an error.
     """
     if not bool(valid.any()):
         raise ValueError("depth target has no valid pixel")
