@@ -1,8 +1,8 @@
 """Least-squares scale-and-shift alignment, shared by evaluation (metrics) and training (the SSI depth loss).
 
 Relative-depth predictions are defined up to an affine map, so both sides first fit ``s·prediction + t ≈ target``
-over the valid pixels and compare the aligned prediction. The fit is closed-form and differentiable, so a loss can back-propagate
-through it.
+over the valid pixels and compare the aligned prediction. The fit is closed-form and differentiable, so a loss can
+back-propagate through it.
 """
 
 from __future__ import annotations

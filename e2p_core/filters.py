@@ -41,8 +41,8 @@ def gaussian_gradient_magnitude(
     """``|∇_G image|`` for ``image`` ``[B, H, W]`` (any float dtype; differentiable), same shape.
 
     ``padding``: ``"replicate"`` matches scipy ``convolve(mode="nearest")`` of the metric; ``"zeros"`` matches the
-    reference training loss's ``same`` zero padding. The kernels are applied as a true convolution (flipped), like scipy.
-    ``eps_sqrt`` is added under the square root: a loss needs it > 0 for a finite gradient where the image is
+    reference training loss's ``same`` zero padding. The kernels are applied as a true convolution (flipped), like
+    scipy. ``eps_sqrt`` is added under the square root: a loss needs it > 0 for a finite gradient where the image is
     flat.
     """
     if padding not in ("replicate", "zeros"):
