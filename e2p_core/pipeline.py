@@ -31,7 +31,7 @@ from .points import build_point_map, encode_point_map, scale_coords
 from .prompts import PromptEmbeddings
 from .schedule import LATENT_CHANNELS, euler_step, initial_noise, make_schedule
 from .tasks import Task, get_task
-from .tokens import CONTEXT_INDEX, TARGET_INDEX, pack_latents, position_ids, unpack_tokens
+from .tokens import pack_context, pack_latents, unpack_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,8 @@ def perceive(
     # 2. Encode and pack each context image; all of them share the ids (1, row, col).
     context_latents = [codec.encode(pixels.to(device, dtype)) for pixels in contexts]  # each [B,16,h,w]
     latent_hw = tuple(context_latents[0].shape[-2:])
-    context_tokens = torch.cat([pack_latents(latent) for latent in context_latents], dim=1)  # [B,M,64]
-    target_ids = position_ids(latent_hw, TARGET_INDEX, dtype, device)  # [N,3]
-    context_ids = position_ids(latent_hw, CONTEXT_INDEX, dtype, device).repeat(len(contexts), 1)  # [M,3]
-    ids = torch.cat([target_ids, context_ids])  # [N+M,3]
+    context_tokens, ids = pack_context(context_latents, dtype, device)  # [B,M,64], [N+M,3]
+    n_target = ids.shape[0] - context_tokens.shape[1]
 
     # 3. The initial latent: the same fixed-seed noise for every frame, so videos do not flicker.
     if noise is None:
@@ -123,7 +121,6 @@ def perceive(
     schedule = make_schedule(steps)
     sigmas = schedule.sigmas.to(device)
     guidance_batch = torch.full((len(frames),), guidance, dtype=dtype, device=device)
-    n_target = target_ids.shape[0]
     first_velocity = None
     for i, timestep in enumerate(schedule.timesteps.to(device)):
         if on_step is not None:

@@ -34,3 +34,18 @@ def position_ids(latent_hw: tuple[int, int], index: int, dtype: torch.dtype, dev
     ids[..., 1] = torch.arange(rows, device=device)[:, None]
     ids[..., 2] = torch.arange(cols, device=device)[None, :]
     return ids.reshape(rows * cols, 3).to(dtype)
+
+
+def pack_context(
+    context_latents: list[torch.Tensor], dtype: torch.dtype, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context half of the sequence and the ids of the whole sequence ``[target | contexts]``.
+
+    ``context_latents``: one ``[B,C,h,w]`` latent per context image (the RGB, then the matting point map); the target
+    has the same ``h,w``. Returns ``(context tokens [B,M,4C], ids [N+M,3])`` with N = (h/2)(w/2) target tokens.
+    """
+    latent_hw = tuple(context_latents[0].shape[-2:])
+    context_tokens = torch.cat([pack_latents(latent) for latent in context_latents], dim=1)
+    target_ids = position_ids(latent_hw, TARGET_INDEX, dtype, device)
+    context_ids = position_ids(latent_hw, CONTEXT_INDEX, dtype, device).repeat(len(context_latents), 1)
+    return context_tokens, torch.cat([target_ids, context_ids])

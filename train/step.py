@@ -14,7 +14,7 @@ from e2p_core.backends.base import Denoiser, LatentCodec
 from e2p_core.points import encode_point_map
 from e2p_core.prompts import PromptEmbeddings
 from e2p_core.tasks import get_task
-from e2p_core.tokens import CONTEXT_INDEX, TARGET_INDEX, pack_latents, position_ids, unpack_tokens
+from e2p_core.tokens import pack_context, pack_latents, unpack_tokens
 
 from .losses import MATTING_UNKNOWN, consistency_loss
 from .noise import training_noise
@@ -61,9 +61,8 @@ def training_losses(denoiser: Denoiser, codec: LatentCodec, prompt: PromptEmbedd
         context_latents = [codec.encode(pixels).to(dtype) for pixels in contexts]
         clean = codec.encode(batch["target"].to(device, codec.dtype)).float()  # z1 [B,16,h,w]
     size, latent_hw = clean.shape[0], tuple(clean.shape[-2:])
-    context_tokens = torch.cat([pack_latents(latent) for latent in context_latents], dim=1)
-    target_ids = position_ids(latent_hw, TARGET_INDEX, dtype, device)
-    ids = torch.cat([target_ids, position_ids(latent_hw, CONTEXT_INDEX, dtype, device).repeat(len(contexts), 1)])
+    context_tokens, ids = pack_context(context_latents, dtype, device)  # [B,M,64], [N+M,3]
+    n_target = ids.shape[0] - context_tokens.shape[1]
 
     times = sample_timesteps(size, generator, dtype, device)
     noise = training_noise(size, latent_hw, times.timestep, config.noise_seed, device, config.multi_res_noise)
@@ -71,7 +70,7 @@ def training_losses(denoiser: Denoiser, codec: LatentCodec, prompt: PromptEmbedd
     tokens = torch.cat([pack_latents(noisy.to(dtype)), context_tokens], dim=1)
     guidance = torch.ones(size, dtype=dtype, device=device)
     output = denoiser(tokens, ids, times.timestep, guidance, prompt)
-    velocity = unpack_tokens(output[:, : target_ids.shape[0]], latent_hw)
+    velocity = unpack_tokens(output[:, :n_target], latent_hw)
 
     valid = batch["valid"].to(device)
     if config.objective == "reference" and config.task == "matting":
