@@ -12,9 +12,9 @@ from e2p_core.checkpoints import load_state_dict, read_metadata
 from e2p_core.errors import CheckpointError
 from e2p_core.pipeline import perceive
 from e2p_core.weights import load_dit, load_vae
-from test_train_setup import one_thread, tiny_config, write_tiny_setup  # noqa: F401 (fixture)
 from train.model import add_lora
 from train.trainer import train
+from train_support.runs import one_thread, tiny_config, write_tiny_setup  # noqa: F401 (fixture)
 
 RELEASED_LORA = load_file(FIXTURES / "lora_kohya.safetensors")  # written by the reference trainer
 

@@ -11,8 +11,8 @@ from comfy_support import load_pack, use_model_folders
 from conftest import FIXTURES, TINY_DIT_CONFIG
 from e2p_core.weights import load_dit
 from test_nodes_loader import native_weights
-from test_train_setup import one_thread, tiny_config, write_tiny_setup  # noqa: F401 (fixture)
 from train.trainer import train
+from train_support.runs import one_thread, tiny_config, write_tiny_setup  # noqa: F401 (fixture)
 
 load_pack()
 from e2p_pack.nodes.loader import TIME_EMBEDDING_ATTACHMENT, E2PModelLoader  # noqa: E402

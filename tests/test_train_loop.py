@@ -13,11 +13,11 @@ from conftest import FIXTURES, TINY_DIT_CONFIG
 from e2p_core.backends.diffusers_backend import DiffusersDenoiser
 from e2p_core.errors import InputError
 from e2p_core.weights import load_dit
-from test_train_setup import one_thread, read_log, tiny_config, write_tiny_setup  # noqa: F401 (fixture)
 from train.data import DatasetSpec, build_dataset
 from train.model import build_trainable_transformer
 from train.step import ObjectiveConfig, training_losses
 from train.trainer import train
+from train_support.runs import one_thread, read_log, tiny_config, write_tiny_setup  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from test_train_setup import read_log, tiny_config, write_tiny_setup
 from train.checkpoint import TRAINABLE_FILE, complete_checkpoints
+from train.config import TrainConfig
+from train.trainer import RunLog
+from train_support.runs import read_log, tiny_config, write_tiny_setup
 
 REPO = Path(__file__).parent.parent
 STEPS = 16
@@ -80,3 +82,12 @@ def test_only_finished_checkpoint_folders_count(tmp_path):
     for name in ("step-0000010", "step-0000002", ".step-0000012.tmp", "notes"):
         (folder / name).mkdir(parents=True)
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["step-0000002", "step-0000010"]
+
+
+def test_a_resumed_log_drops_later_steps_and_a_line_cut_short_by_the_kill(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = [json.dumps({"step": step, "loss": 1.0 / step}) for step in (1, 2, 3)]
+    (logs / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')
+    RunLog(TrainConfig(output_dir=str(tmp_path), report_to="none"), enabled=True).open(start_step=2)
+    assert (logs / "metrics.jsonl").read_text().splitlines() == lines[:2]

@@ -1,5 +1,4 @@
-"""Tiny training runs for the ``python -m train`` tests (the fixture DiT and VAE, synthetic data), and the config
-layer: file + flags precedence and the help text."""
+"""The config layer of ``python -m train``: file + flags precedence, the help text, the shipped configs."""
 
 import json
 import math
@@ -7,69 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES, TINY_DIT_CONFIG
 from e2p_core.errors import InputError
-from e2p_core.prompts import PromptEmbeddings, save_prompt_embeddings
 from train.config import TrainConfig, parse_config
-from train_support.synthetic import write_synthetic_folder
 
 REPO = Path(__file__).parent.parent
-TEXT_TOKENS = 32  # the fixture's random "T5" embeddings, shortened: the tiny DiT takes any length, and it is faster
-
-
-def write_tiny_setup(root: Path, task: str, samples: int = 4, side: int = 32) -> dict[str, str]:
-    """Prompt embeddings, the tiny DiT's config.json and a synthetic ``folder`` dataset under ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    inputs = np.load(FIXTURES / "inputs.npz")
-    prompt = PromptEmbeddings(torch.from_numpy(inputs[f"{task}_t5_emb"][:, :TEXT_TOKENS]),
-                              torch.from_numpy(inputs[f"{task}_pooled_emb"]))
-    save_prompt_embeddings(prompt, root / "prompt.safetensors")
-    (root / "dit_config.json").write_text(json.dumps(TINY_DIT_CONFIG))
-    write_synthetic_folder(root / "data", task, samples, (side, side), seed=0)
-    return {"root": str(root), "prompt": str(root / "prompt.safetensors"), "dit_config": str(root / "dit_config.json"),
-            "data": str(root / "data"), "side": side}
-
-
-def tiny_config(setup: dict, task: str, output_dir: Path, **overrides) -> TrainConfig:
-    """Settings for a few CPU steps of the tiny model in float32 (exactly reproducible)."""
-    values = dict(
-        task=task, output_dir=str(output_dir), base=str(FIXTURES / "dit_bfl.safetensors"),
-        base_config=setup["dit_config"], vae=str(FIXTURES / "vae_bfl.safetensors"), prompt_embeds=setup["prompt"],
-        datasets=[{"kind": "folder", "root": setup["data"]}], height=setup["side"], width=setup["side"],
-        num_workers=0, batch_size=2, max_steps=4, learning_rate=1e-3, mixed_precision="no", cpu=True,
-        checkpointing_steps=1000, log_steps=1, report_to="none", lora_rank=4, export_dtype="fp32",
-    )
-    values.update(overrides)
-    config = TrainConfig(**values)
-    config.validate()
-    return config
-
-
-def read_log(output_dir: Path) -> dict[int, dict]:
-    """The training entries of logs/metrics.jsonl as {step: losses}; every step is logged once."""
-    entries = [json.loads(line) for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-    training = [entry for entry in entries if "loss" in entry]
-    assert len({entry["step"] for entry in training}) == len(training), "a step was logged twice"
-    return {entry["step"]: entry for entry in training}
-
-
-@pytest.fixture
-def one_thread():
-    """For in-process training runs: one thread (the tiny model is far faster so when the machine is shared), and
-    accelerate's process-wide state cleared before and after (as accelerate's own test case does), so each run may
-    choose its own mixed precision; the thread count is restored afterwards."""
-    from accelerate.state import AcceleratorState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_config_file_values_are_overridden_by_flags(tmp_path):
@@ -96,6 +39,10 @@ def test_config_errors_name_the_setting(tmp_path):
         parse_config(["--config", str(tmp_path / "bad.json")])
     epochs = parse_config([*base, "--num-epochs", "2"])
     assert epochs.max_steps is None and epochs.num_epochs == 2
+    with pytest.raises(InputError, match="max_steps must be at least 1, got 0"):
+        parse_config([*base, "--max-steps", "0"])
+    with pytest.raises(InputError, match="num_epochs must be positive"):
+        parse_config([*base, "--num-epochs", "0"])
 
 
 def test_help_documents_every_setting():
@@ -154,3 +101,19 @@ def test_learning_rate_schedules(name, expected):
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("missing", ["base", "data"])
+def test_a_missing_input_fails_before_the_run_folder_is_made(tmp_path, missing):
+    """A typo in a path is reported with the file's name and leaves no run folder (no stray train_config.json)."""
+    from e2p_core.errors import E2PError
+    from train.trainer import train
+    from train_support.runs import tiny_config, write_tiny_setup
+
+    setup = write_tiny_setup(tmp_path / "setup", "depth", samples=2)
+    if missing == "data":
+        setup["data"] = str(tmp_path / "no_such_dataset")
+    overrides = {"base": str(tmp_path / "no_such_dit.safetensors")} if missing == "base" else {}
+    with pytest.raises(E2PError, match="no_such"):
+        train(tiny_config(setup, "depth", tmp_path / "run", **overrides))
+    assert not (tmp_path / "run").exists()

@@ -58,11 +58,10 @@ def register_trainable_hooks(accelerator: Accelerator) -> None:
 
     def load_hook(models, input_dir):
         path = Path(input_dir) / TRAINABLE_FILE
+        if models and not path.is_file():
+            raise CheckpointError(f"checkpoint {input_dir} has no {TRAINABLE_FILE}: it is incomplete")
         while models:
-            model = accelerator.unwrap_model(models.pop())
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint {input_dir} has no {TRAINABLE_FILE}: it is incomplete")
-            load_trainable_state_dict(model, load_file(path), str(path))
+            load_trainable_state_dict(accelerator.unwrap_model(models.pop()), load_file(path), str(path))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

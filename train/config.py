@@ -14,14 +14,15 @@ from typing import Any
 from e2p_core.errors import InputError
 from e2p_core.targets import DEPTH_SPACES
 
-from .data import DEFAULT_RATIOS, KINDS, DatasetSpec
+from .data import DEFAULT_RATIOS, KINDS, TASKS, DatasetSpec
+from .step import OBJECTIVES
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("depth", "normal", "matting"),
+    "task": TASKS,
     "mode": ("lora", "full"),
-    "time_embedding": ("bf16", "exact"),
+    "time_embedding": ("bf16", "exact"),  # train.model.TRAINED_TIME_EMBEDDINGS (not imported: it loads peft)
     "depth_space": DEPTH_SPACES,
-    "objective": ("paper", "reference"),
+    "objective": OBJECTIVES,
     "optimizer": ("adamw", "adamw8bit"),
     "lr_scheduler": ("reference", "constant", "cosine"),
     "mixed_precision": ("no", "bf16"),
@@ -116,6 +117,10 @@ class TrainConfig:
                              f"(2x2 latent patches of the 8x VAE)")
         if (self.max_steps is None) == (self.num_epochs is None):
             raise InputError("give exactly one of max_steps and num_epochs")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise InputError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise InputError(f"num_epochs must be positive, got {self.num_epochs}")
         positive = ("batch_size", "gradient_accumulation_steps", "lora_rank", "checkpointing_steps", "log_steps",
                     "validation_steps")
         for name in positive:
@@ -170,7 +175,7 @@ _HELP = {
     "seed": "seed of the LoRA init, the timestep draws and the data order",
     "cpu": "force the CPU even when a GPU is present",
     "checkpointing_steps": "save a resumable checkpoint every N optimizer steps",
-    "checkpoints_total_limit": "keep this many newest checkpoints",
+    "checkpoints_total_limit": "keep this many newest checkpoints (0: keep all)",
     "resume": "latest (the newest checkpoint of --output-dir, if any), none, or a checkpoint folder",
     "validation_steps": "validate every N steps (needs --validation-dataset)",
     "validation_samples": "how many validation samples to predict and log",

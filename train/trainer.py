@@ -110,7 +110,7 @@ class RunLog:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.jsonl.is_file():
-            kept = [line for line in self.jsonl.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            kept = [line for line in self.jsonl.read_text().splitlines() if _logged_step(line) <= start_step]
             write_atomically(self.jsonl, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
         if self.writer_class is not None:
             self.writer = self.writer_class(str(self.folder / "tensorboard"), purge_step=start_step + 1)
@@ -134,6 +134,14 @@ class RunLog:
             self.writer.close()
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite (dropped on resume) for a line a kill cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run as configured; returns the trained model and where it was exported."""
     config.validate()
@@ -141,25 +149,25 @@ def train(config: TrainConfig) -> TrainResult:
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               step_scheduler_with_optimizer=False)
     set_seed(config.seed)  # the LoRA init; identical on every process
-    output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.json").write_text(config.to_json())
     device = accelerator.device
-    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    compute_dtype = _compute_dtype(config)
     log = RunLog(config, accelerator.is_main_process)
     transformer, codec = _build_models(config, device, compute_dtype)
     prompt = load_prompt(config, device, compute_dtype)
 
     size_hw = (config.height, config.width)
+    specs = config.dataset_specs()
     datasets = [build_dataset(spec, config.task, size_hw, config.depth_space, config.binarize_alpha, config.seed)
-                for spec in config.dataset_specs()]
-    sampler = MixedBatchSampler(datasets, [spec.ratio for spec in config.dataset_specs()], config.batch_size,
-                                config.seed)
+                for spec in specs]
+    sampler = MixedBatchSampler(datasets, [spec.ratio for spec in specs], config.batch_size, config.seed)
     world, accumulation = accelerator.num_processes, config.gradient_accumulation_steps
     steps_per_epoch = sampler.epoch_batches / (accumulation * world)  # optimizer steps; N_epoch of the λ ramp
-    max_steps = config.max_steps or math.ceil(config.num_epochs * steps_per_epoch)
+    max_steps = config.max_steps if config.max_steps is not None else math.ceil(config.num_epochs * steps_per_epoch)
     validation_samples = _validation_samples(config, size_hw)
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:  # only once every input has been read: a typo leaves no run folder behind
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(config.to_json())
 
     parameters = [p for p in transformer.parameters() if p.requires_grad]
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the DataLoader is not prepared: tell DeepSpeed
@@ -219,13 +227,20 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(accelerator.unwrap_model(model), codec, prompt, step, export_path)
 
 
+def _compute_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype of the frozen weights, the prompt and the DiT inputs: bf16 under bf16 mixed precision."""
+    return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+
+
 def _build_models(config: TrainConfig, device: torch.device, compute_dtype: torch.dtype
                   ) -> tuple[torch.nn.Module, DiffusersCodec]:
     """The DiT with its trainable part (frozen base in the compute dtype) and the frozen VAE codec."""
     transformer = build_trainable_transformer(load_dit(config.base, config.base_config), config.time_embedding,
                                               compute_dtype, device)
-    auto_dtype = "fp32" if config.mode == "lora" else ("bf16" if config.mixed_precision == "bf16" else "fp32")
-    trainable_dtype = DTYPES[auto_dtype if config.trainable_dtype == "auto" else config.trainable_dtype]
+    if config.trainable_dtype == "auto":  # a float32 LoRA; a full fine-tune in the compute dtype, as the reference
+        trainable_dtype = torch.float32 if config.mode == "lora" else compute_dtype
+    else:
+        trainable_dtype = DTYPES[config.trainable_dtype]
     if config.mode == "lora":
         pairs = add_lora(transformer, config.lora_rank, config.lora_alpha, trainable_dtype)
         logger.info("LoRA rank %d on %d Linear layers", config.lora_rank, pairs)
@@ -279,11 +294,9 @@ def _run_validation(accelerator: Accelerator, model, codec, prompt, samples, con
         logger.warning("validation is skipped under FSDP (the sharded DiT cannot run one-process inference)")
         return
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+        denoiser = DiffusersDenoiser(accelerator.unwrap_model(model), _compute_dtype(config), accelerator.device)
         with accelerator.autocast():
-            metrics, panels = validate(DiffusersDenoiser(unwrapped, compute_dtype, accelerator.device), codec, prompt,
-                                       samples, config.task, config.depth_space)
+            metrics, panels = validate(denoiser, codec, prompt, samples, config.task, config.depth_space)
         log.scalars(step, {f"val/{key}": value for key, value in metrics.items()})
         log.images(step, panels)
     accelerator.wait_for_everyone()

@@ -11,6 +11,7 @@ from e2p_core.backends.base import Denoiser, LatentCodec
 from e2p_core.metrics import depth_metrics, matting_metrics, normal_metrics
 from e2p_core.pipeline import perceive
 from e2p_core.prompts import PromptEmbeddings
+from e2p_core.tasks import get_task
 
 
 def _visual(task: str, values: torch.Tensor) -> np.ndarray:
@@ -27,7 +28,7 @@ def validate(denoiser: Denoiser, codec: LatentCodec, prompt: PromptEmbeddings, s
     panels = []
     for sample in samples:
         rgb01 = ((sample["image"].float() + 1) / 2).clamp(0, 1).permute(1, 2, 0)  # [H,W,3]
-        point_map = sample["point_map"][0].numpy() if task == "matting" else None
+        point_map = sample["point_map"][0].numpy() if get_task(task).uses_point_map else None
         output = perceive(denoiser, codec, rgb01, task, prompt, point_map=point_map, resolution="native"
                           ).output[0].cpu()  # [C,H,W]
         if task == "depth":

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from e2p_core.errors import InputError
 from e2p_core.points import sample_point_map
 from e2p_core.targets import DEPTH_SPACES, encode_alpha_target, encode_depth_target, encode_normal_target
+from e2p_core.tasks import TASKS as E2P_TASKS
 
 from .folder import folder_source
 from .listing import Pair, read_list_file
@@ -35,7 +36,7 @@ from .sources import SOURCES, Source
 logger = logging.getLogger(__name__)
 
 KINDS = (*SOURCES, "folder")
-TASKS = ("depth", "normal", "matting")
+TASKS = tuple(E2P_TASKS)  # ("depth", "normal", "matting")
 SAMPLE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, cv2.error)  # what unreadable files raise
 MAX_CONSECUTIVE_FAILURES = 32
 
@@ -107,9 +108,7 @@ class PerceptionDataset(Dataset):
 
     def _depth(self, depth_m: np.ndarray, valid: np.ndarray) -> dict:
         depth, mask = torch.from_numpy(np.ascontiguousarray(depth_m)), torch.from_numpy(valid)
-        if not bool(mask.any()):
-            raise InputError("depth map has no valid pixel")
-        encoded = encode_depth_target(depth, mask, self.depth_space)
+        encoded = encode_depth_target(depth, mask, self.depth_space)  # a ValueError without any valid pixel
         return {"target": encoded[None].repeat(3, 1, 1), "valid": mask, "depth_m": depth}
 
     @staticmethod

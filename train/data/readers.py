@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from e2p_core.conventions import normals_from_convention
 from e2p_core.errors import InputError
 
 KITTI_CROP_WH = (1216, 352)  # the reference's bottom-centre crop of Virtual KITTI frames
@@ -68,15 +69,16 @@ def depth_validity(depth_m: np.ndarray, low_m: float, high_m: float) -> np.ndarr
 def read_normals_npy(path: Path, size_hw: tuple[int, int]) -> torch.Tensor:
     """float [H,W,3] normals ``.npy`` in the OpenGL camera frame → float32 [3,H,W] in the E2P frame (not unit yet).
 
-    As the reference: x negated (OpenGL +x right → E2P +x left), then ``cv2.resize`` with ``INTER_LINEAR_EXACT``.
+    As the reference: ``cv2.resize`` with ``INTER_LINEAR_EXACT`` and x negated (OpenGL +x right → E2P +x left; the
+    reference negates before the resize, which is the same as both are linear).
     """
     normals = np.load(path, allow_pickle=False)
     if normals.ndim != 3 or normals.shape[2] != 3:
         raise InputError(f"{path} holds an array of shape {normals.shape}; expected [H,W,3] camera-space normals")
     normals = np.where(np.isfinite(normals), normals, 0).astype(np.float32)  # NaN → invalid pixel (norm 0)
-    normals[..., 0] *= -1
     normals = cv2.resize(normals, size_hw[::-1], interpolation=cv2.INTER_LINEAR_EXACT)
-    return torch.from_numpy(np.ascontiguousarray(normals)).permute(2, 0, 1)
+    normals_opengl = torch.from_numpy(np.ascontiguousarray(normals)).permute(2, 0, 1)
+    return normals_from_convention(normals_opengl[None], "opengl")[0]
 
 
 def read_alpha(path: Path, size_hw: tuple[int, int]) -> np.ndarray:
