@@ -4,7 +4,7 @@ The Denoiser and LatentCodec handed to ``e2p_core.pipeline.perceive`` are wrappe
 (``bench/timing.py``); "other" is everything else: resizing and normalising the image, the point map, noise,
 token packing, the Euler updates, postprocessing and restoring the input size. Prints a markdown table.
 
-    python bench/cpu_stages.py [--resolutions 64 128 256] [--steps 1 4] [--repeats 5] [--dtype fp32|bf16]
+    python bench/cpu_stages.py [--resolutions 64 128 256] [--steps 1 4] [--repeats 7] [--dtype fp32|bf16]
 """
 
 import argparse
@@ -19,16 +19,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from gpu_inference import FIXTURES, tiny_fixture  # noqa: E402
 from timing import stage_times  # noqa: E402
 
 from e2p_core.backends.diffusers_backend import load_diffusers_backend  # noqa: E402
+from e2p_core.backends.memory import MEMORY_MODES  # noqa: E402
+from e2p_core.cli_models import DTYPES  # noqa: E402
 from e2p_core.images import load_image_rgb  # noqa: E402
 from e2p_core.pipeline import perceive  # noqa: E402
 from e2p_core.prompts import PromptEmbeddings  # noqa: E402
-from e2p_core.weights import load_dit, load_vae  # noqa: E402
-
-FIXTURES = REPO / "tests" / "fixtures" / "e2p_tiny"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def tiny_prompts(dtype: torch.dtype) -> dict[str, PromptEmbeddings]:
@@ -46,14 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--memory-mode", default="full")
+    parser.add_argument("--memory-mode", choices=MEMORY_MODES, default="full")
     args = parser.parse_args(argv)
 
     dtype = DTYPES[args.dtype]
-    config = {"axes_dims_rope": [4, 6, 6]}  # the tiny model's RoPE split (shapes cannot tell it)
-    denoiser, codec = load_diffusers_backend(load_dit(FIXTURES / "dit_bfl.safetensors", config),
-                                             load_vae(FIXTURES / "vae_bfl.safetensors"), dtype, "cpu",
-                                             memory_mode=args.memory_mode)
+    denoiser, codec = load_diffusers_backend(*tiny_fixture(), dtype, "cpu", memory_mode=args.memory_mode)
     prompts = tiny_prompts(dtype)
     image = load_image_rgb(FIXTURES / "input.png")  # 64 x 48; resized to each processing size
     point_map = np.zeros(image.shape[:2], np.float32)

@@ -1,8 +1,9 @@
 """Host (CPU) peak memory of loading a DiT: ``load_dit`` (+ LoRA merge) and ``load_diffusers_backend``.
 
-Builds a mid-size random Flux DiT in BFL naming (default ~1.2 B params, 2.3 GiB bf16) and a rank-16 kohya LoRA over
+Builds a mid-size random Flux DiT in BFL naming (default ~0.64 B params, 1.2 GiB bf16) and a rank-16 kohya LoRA over
 every Linear the released LoRAs touch, then measures, in a fresh interpreter per configuration, the peak resident
-set size (``ru_maxrss``) after the imports, after ``load_dit`` and after building the backend. Prints a table.
+set size (``VmHWM``) after the imports, after ``load_dit`` and after building the backend, and the peak anonymous
+memory (``RssAnon``, sampled). Prints a table.
 
     python bench/host_memory.py --workdir /tmp/e2p_hostmem [--hidden 1536 --double 4 --single 8] [--memory-mode ...]
 """

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .backends.base import Denoiser, LatentCodec
 from .backends.memory import MEMORY_MODES
 from .errors import InputError
 from .prompts import PromptEmbeddings, cached_prompt_embeddings, load_prompt_embeddings
@@ -86,7 +87,9 @@ def resolution_arg(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'native', got {value!r}") from None
 
 
-def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+def load_model(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> tuple[Denoiser, LatentCodec, str]:
     """``(denoiser, codec, source_format)`` of the diffusers backend for ``--dit``/``--lora``/``--vae``.
 
     diffusers is imported here, not at module level: only commands that run a model pay for it.
@@ -103,5 +106,5 @@ def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         dit = load_dit(args.dit, args.dit_config, loras)
     vae = load_vae(args.vae, args.vae_config)
     denoiser, codec = load_diffusers_backend(dit, vae, dtype, device, args.time_embedding, args.memory_mode)
-    # The caller drops its references with ours: on a GPU the host copies of the weights are freed before running.
+    # dit and vae die with this frame: on a GPU their host copies are freed before the caller runs the model.
     return denoiser, codec, dit.source_format

@@ -121,7 +121,8 @@ def angular_error_metrics(errors_deg) -> dict[str, float]:
         return dict.fromkeys(NORMAL_METRICS, math.nan)
     summary = {
         "mean": errors.mean().item(),
-        "median": torch.quantile(errors, 0.5).item(),
+        # numpy, not torch.quantile: that one refuses more than 2^24 values, which a pooled dataset exceeds.
+        "median": float(np.median(errors.numpy())),
         "rmse": errors.pow(2).mean().sqrt().item(),
     }
     for name, threshold in zip(NORMAL_METRICS[3:], NORMAL_THRESHOLDS_DEG):

@@ -31,6 +31,7 @@ from .checkpoints import (
     to_bfl,
     vae_to_diffusers,
 )
+from .checkpoints.io import SAFETENSORS_SUFFIXES
 from .errors import CheckpointError
 from .time_embedding import TimeEmbedding, check_time_embedding
 
@@ -68,29 +69,31 @@ def load_dit(
         metadata = {}
     else:
         state_dict, folder_config = load_state_dict(path), {}
-        metadata = read_metadata(path) if path.suffix in (".safetensors", ".sft") else {}
+        metadata = read_metadata(path) if path.suffix in SAFETENSORS_SUFFIXES else {}
     config = load_config_json(config) if isinstance(config, (str, Path)) else (config or folder_config)
     state_dict_bfl, source_format = to_bfl(dequantize(state_dict, fp8_dtype))
     architecture = infer_dit_architecture(state_dict_bfl, config)
     for lora_path, strength in loras:
         state_dict_bfl = merge_lora(state_dict_bfl, load_lora_file(lora_path, architecture.mlp_ratio), strength)
-    recorded = _lora_time_embedding(loras) or metadata.get(TIME_EMBEDDING_METADATA_KEY)
-    time_embedding = check_time_embedding(recorded) if recorded is not None else None
-    return DiTWeights(state_dict_bfl, architecture, source_format, time_embedding)
+    return DiTWeights(state_dict_bfl, architecture, source_format, recorded_time_embedding(loras, metadata))
 
 
-def _lora_time_embedding(loras: list[tuple[str | Path, float]]) -> str | None:
-    """The variant the LoRAs record (it describes the fine-tuned model, so it wins over the base file's)."""
+def recorded_time_embedding(
+    loras: list[tuple[str | Path, float]], base_metadata: dict[str, str] | None = None
+) -> TimeEmbedding | None:
+    """The timestep-embedding variant the LoRAs record, else the one in the base file's ``base_metadata``; None when
+    neither says. A LoRA's record wins: it describes the fine-tuned model. LoRAs that disagree are an error."""
     recorded = {}
     for lora_path, _ in loras:
-        if Path(lora_path).suffix in (".safetensors", ".sft"):
+        if Path(lora_path).suffix in SAFETENSORS_SUFFIXES:
             variant = read_metadata(lora_path).get(TIME_EMBEDDING_METADATA_KEY)
             if variant is not None:
                 recorded[str(lora_path)] = variant
     if len(set(recorded.values())) > 1:
         raise CheckpointError(f"these LoRAs were trained with different timestep embeddings ({recorded}); "
                               f"they cannot be applied together")
-    return next(iter(recorded.values()), None)
+    variant = next(iter(recorded.values()), None) or (base_metadata or {}).get(TIME_EMBEDDING_METADATA_KEY)
+    return check_time_embedding(variant) if variant is not None else None
 
 
 def load_vae(path: str | Path, config: str | Path | dict[str, Any] | None = None) -> VAEWeights:

@@ -3,8 +3,15 @@ aligned resize). Each one calls the same functions as the separate nodes: task c
 output conversion.
 """
 
-from .conditioning import AUTO, CLIP_TOOLTIP, EMBEDDINGS_TOOLTIP, clip_needed, embeddings_choices, task_embeddings, \
-    to_conditioning
+from .conditioning import (
+    AUTO,
+    CLIP_INPUT,
+    EMBEDDINGS_TOOLTIP,
+    clip_needed,
+    embeddings_choices,
+    task_embeddings,
+    to_conditioning,
+)
 from .outputs import (
     CONVENTION_INPUT,
     DEPTH_RETURNS,
@@ -20,6 +27,8 @@ from .perceive import RESOLUTION_INPUT, run_perceive
 from .point_prompt import (
     COORD_SPACE_TOOLTIP,
     COORD_SPACES,
+    MASK_TOOLTIP,
+    NEGATIVE_TOOLTIP,
     POSITIVE_TOOLTIP,
     make_point_prompt,
     validate_point_strings,
@@ -61,7 +70,7 @@ class E2PDepthAllInOne(_AllInOne):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {**_common_inputs(), "polarity": POLARITY_INPUT, "normalization": NORMALIZATION_INPUT},
-                "optional": {"clip": ("CLIP", {"lazy": True, "tooltip": CLIP_TOOLTIP})}, "hidden": HIDDEN}
+                "optional": {"clip": CLIP_INPUT}, "hidden": HIDDEN}
 
     def run(self, model, vae, image, embeddings, resolution, polarity, normalization, clip=None, graph=None,
             node_id=None):
@@ -78,7 +87,7 @@ class E2PNormalAllInOne(_AllInOne):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {**_common_inputs(), "convention": CONVENTION_INPUT},
-                "optional": {"clip": ("CLIP", {"lazy": True, "tooltip": CLIP_TOOLTIP})}, "hidden": HIDDEN}
+                "optional": {"clip": CLIP_INPUT}, "hidden": HIDDEN}
 
     def run(self, model, vae, image, embeddings, resolution, convention, clip=None, graph=None, node_id=None):
         prediction = _predict(self.TASK, model, vae, image, embeddings, resolution, clip, graph, node_id)
@@ -100,10 +109,9 @@ class E2PMattingAllInOne(_AllInOne):
                 "coords_space": (list(COORD_SPACES), {"default": "auto", "tooltip": COORD_SPACE_TOOLTIP}),
             },
             "optional": {
-                "negative_coords": ("STRING", {"default": "", "multiline": True,
-                                               "tooltip": "Background clicks: ignored with a warning."}),
-                "mask": ("MASK", {"tooltip": "A rough foreground mask instead of clicks."}),
-                "clip": ("CLIP", {"lazy": True, "tooltip": CLIP_TOOLTIP}),
+                "negative_coords": ("STRING", {"default": "", "multiline": True, "tooltip": NEGATIVE_TOOLTIP}),
+                "mask": ("MASK", {"tooltip": MASK_TOOLTIP}),
+                "clip": CLIP_INPUT,
             },
             "hidden": HIDDEN,
         }

@@ -93,7 +93,7 @@ class ComfyDenoiser:
         flux = self.model.model.diffusion_model
         text = prompt.prompt_embeds.to(self.device, self.dtype).expand(batch, -1, -1)  # [B,L,D]
         pooled = prompt.pooled_prompt_embeds.to(self.device, self.dtype).expand(batch, -1)  # [B,P]
-        text_ids = torch.zeros(batch, text.shape[1], ids.shape[-1], device=self.device)  # [B,L,3]
+        text_ids = prompt.text_ids.to(self.device, torch.float32).expand(batch, -1, -1)  # [B,L,3], all zero
         image_ids = ids.to(self.device, torch.float32).expand(batch, -1, -1)  # [B,N,3]
         sigmas = timestep.float() / TRAINING_GRID_SIZE  # ComfyUI's Flux takes sigma and scales it by 1000 itself
         transformer_options = {**self.model.model_options.get("transformer_options", {}), "sigmas": sigmas}
@@ -116,16 +116,17 @@ class ComfyCodec:
         self.device = device
         self.latent_format = comfy.latent_formats.Flux()
 
+    # ComfyUI's VAE memory estimates are per frame (comfy.sd.VAE splits batches by them); the whole chunk runs at once.
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.vae
-        memory = vae.memory_used_encode(pixels.shape, vae.vae_dtype)
+        memory = vae.memory_used_encode(pixels.shape, vae.vae_dtype) * pixels.shape[0]
         comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory)
         mean = vae.first_stage_model.encode(pixels.to(vae.device, vae.vae_dtype))  # [B,16,H/8,W/8], never a sample
         return self.latent_format.process_in(mean).to(self.device, self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
-        memory = vae.memory_used_decode(latents.shape, vae.vae_dtype)
+        memory = vae.memory_used_decode(latents.shape, vae.vae_dtype) * latents.shape[0]
         comfy.model_management.load_models_gpu([vae.patcher], memory_required=memory)
         unscaled = self.latent_format.process_out(latents.to(vae.device, vae.vae_dtype))
         return vae.first_stage_model.decode(unscaled).to(self.device)  # [B,3,8h,8w], raw decoder output

@@ -111,31 +111,35 @@ def prompt_text(task: str, prompt_override: str) -> str:
     return prompt_override.strip() or get_task(task).prompt
 
 
-def clip_needed(task: str, prompt_override: str, graph: dict | None, node_id: str | None) -> bool:
-    """True when a CLIP is linked and its result for this prompt is not cached yet (lazy-input check)."""
+def _clip_cache(text: str, graph: dict | None, node_id: str | None) -> tuple[str | None, str | None]:
+    """(cache file name, its full path if it exists) of ``text`` encoded by the CLIP linked to ``node_id``;
+    (None, None) when no CLIP is linked."""
     recipe = clip_recipe(graph, node_id)
     if recipe is None:
-        return False
-    cache_name = clip_cache_name(prompt_text(task, prompt_override), recipe)
-    return folder_paths.get_full_path(PROMPTS_FOLDER, cache_name) is None
+        return None, None
+    cache_name = clip_cache_name(text, recipe)
+    return cache_name, folder_paths.get_full_path(PROMPTS_FOLDER, cache_name)
+
+
+def clip_needed(task: str, prompt_override: str, graph: dict | None, node_id: str | None) -> bool:
+    """True when a CLIP is linked and its result for this prompt is not cached yet (lazy-input check)."""
+    cache_name, cached = _clip_cache(prompt_text(task, prompt_override), graph, node_id)
+    return cache_name is not None and cached is None
 
 
 def task_embeddings(task: str, embeddings: str = AUTO, clip=None, prompt_override: str = "",
                     graph: dict | None = None, node_id: str | None = None) -> PromptEmbeddings:
     """The task's prompt embeddings: from the CLIP cache or the CLIP when a CLIP is linked, else from the file."""
-    recipe = clip_recipe(graph, node_id)
-    if recipe is None and clip is None:
-        return load_task_embeddings(task, embeddings)
     text = prompt_text(task, prompt_override)
-    if recipe is not None:
-        cache_name = clip_cache_name(text, recipe)
-        cached = folder_paths.get_full_path(PROMPTS_FOLDER, cache_name)
-        if cached is not None:
-            return load_prompt_embeddings(cached)
+    cache_name, cached = _clip_cache(text, graph, node_id)
+    if cached is not None:
+        return load_prompt_embeddings(cached)
+    if cache_name is None and clip is None:
+        return load_task_embeddings(task, embeddings)
     if clip is None:
         raise InputError("the CLIP input is linked but was not evaluated; run the workflow again")
     encoded = encode_with_clip(clip, text)
-    if recipe is not None:
+    if cache_name is not None:
         target = Path(folder_paths.get_folder_paths(PROMPTS_FOLDER)[0]) / cache_name
         save_prompt_embeddings(encoded, target)
         logger.info("Edit2Perceive: cached the %s prompt encoding in %s", task, target)
@@ -166,8 +170,9 @@ def conditioning_to_prompt(conditioning: list) -> tuple[str, PromptEmbeddings, f
 # Inputs shared with the all-in-one nodes.
 EMBEDDINGS_TOOLTIP = (f"Prompt embeddings in models/{PROMPTS_FOLDER}; 'auto' = <task>.safetensors (made once with "
                       f"`python -m e2p_core embed-prompts`). Ignored when a CLIP is connected.")
-CLIP_TOOLTIP = ("Optional FLUX text encoders (DualCLIPLoader, type flux). The prompt is encoded once and cached in "
-                f"models/{PROMPTS_FOLDER}/{CLIP_CACHE_FOLDER}; later runs never load the encoders.")
+CLIP_INPUT = ("CLIP", {"lazy": True, "tooltip": (
+    "Optional FLUX text encoders (DualCLIPLoader, type flux). The prompt is encoded once and cached in "
+    f"models/{PROMPTS_FOLDER}/{CLIP_CACHE_FOLDER}; later runs never load the encoders.")})
 
 
 class E2PTaskConditioning:
@@ -191,7 +196,7 @@ class E2PTaskConditioning:
                 "embeddings": (embeddings_choices(), {"default": AUTO, "tooltip": EMBEDDINGS_TOOLTIP}),
             },
             "optional": {
-                "clip": ("CLIP", {"lazy": True, "tooltip": CLIP_TOOLTIP}),
+                "clip": CLIP_INPUT,
                 "prompt_override": ("STRING", {
                     "default": "", "multiline": True,
                     "tooltip": "Only with a CLIP: a prompt to encode instead of the task's training caption (leave "

@@ -36,8 +36,7 @@ from ..e2p_core.checkpoints import (
 from ..e2p_core.checkpoints.arch import FLUX_AXES_DIMS_ROPE
 from ..e2p_core.checkpoints.io import SAFETENSORS_SUFFIXES
 from ..e2p_core.errors import CheckpointError
-from ..e2p_core.time_embedding import TimeEmbedding, check_time_embedding
-from ..e2p_core.weights import TIME_EMBEDDING_METADATA_KEY
+from ..e2p_core.weights import recorded_time_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +78,10 @@ def load_e2p_model(dit_path: str | Path, weight_dtype: str = "default", lora_pat
                               f"diffusers-style {sidecar.name} with 'axes_dims_rope' beside it")
     metadata = read_metadata(dit_path) if dit_path.suffix in SAFETENSORS_SUFFIXES else {}
     model = flux_model_from_state_dict(state_dict, architecture, model_options_for(weight_dtype), metadata)
-    variant = _recorded_time_embedding(dit_path)
-    if lora_path is not None:
-        model = add_lora_patches(model, lora_path, lora_strength, architecture)
-        variant = _recorded_time_embedding(Path(lora_path)) or variant  # the LoRA is what was trained
+    loras = [] if lora_path is None else [(lora_path, lora_strength)]
+    for path, strength in loras:
+        model = add_lora_patches(model, path, strength, architecture)
+    variant = recorded_time_embedding(loras, metadata)
     if variant is not None:
         model.set_attachments(TIME_EMBEDDING_ATTACHMENT, variant)
     return model
@@ -140,13 +139,6 @@ def add_lora_patches(model: ModelPatcher, lora_path: str | Path, strength: float
     patched.add_patches(patches, strength)
     logger.info("Edit2Perceive: %s adds %d LoRA patches at strength %g", lora_path.name, len(patches), strength)
     return patched
-
-
-def _recorded_time_embedding(path: Path) -> TimeEmbedding | None:
-    if path.suffix not in SAFETENSORS_SUFFIXES:
-        return None
-    recorded = read_metadata(path).get(TIME_EMBEDDING_METADATA_KEY)
-    return check_time_embedding(recorded) if recorded is not None else None
 
 
 class E2PModelLoader:

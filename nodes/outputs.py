@@ -1,6 +1,6 @@
 """Output nodes: a prediction -> ComfyUI IMAGE / MASK in the conventions downstream nodes expect.
 
-The conventions themselves (depth polarity and normalisation, normal axes) are ``e2p_core.conventions``'; these
+The conventions themselves (depth polarity and normalisation, normal axes) live in ``e2p_core.conventions``; these
 functions only change layouts: IMAGE is [B,H,W,C] in 0..1, MASK is [B,H,W].
 """
 

@@ -5,6 +5,7 @@ IMAGE batch is a video, every frame gets the same seeded noise, and frames come 
 """
 
 import math
+from typing import get_args
 
 import comfy.model_management
 import comfy.utils
@@ -12,6 +13,7 @@ import torch
 from comfy.model_patcher import ModelPatcher
 
 from ..e2p_core.errors import InputError
+from ..e2p_core.images import ResizeMode
 from ..e2p_core.pipeline import perceive
 from ..e2p_core.schedule import MAX_STEPS
 from ..e2p_core.time_embedding import TIME_EMBEDDINGS
@@ -20,7 +22,7 @@ from .conditioning import conditioning_to_prompt
 from .loader import TIME_EMBEDDING_ATTACHMENT
 from .prediction import E2P_POINT_PROMPT, E2P_PREDICTION, PointPromptInput, Prediction
 
-RESIZE_MODES = ("aligned", "reference")
+RESIZE_MODES = get_args(ResizeMode)  # ("aligned", "reference")
 AUTO = "auto"
 NATIVE_RESOLUTION = 0  # the resolution input's value for "process at the image's own size"
 DEFAULT_CHUNK = 4

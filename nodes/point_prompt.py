@@ -4,15 +4,17 @@ Parsing and rasterisation are e2p_core's (``e2p_core.points``). The prompt is ra
 at the processing size, as the reference does; the preview is the same rasterisation at the image size.
 """
 
+from typing import get_args
+
 import numpy as np
 import torch
 
 from ..e2p_core.errors import InputError
 from ..e2p_core.pipeline import PointPrompt
-from ..e2p_core.points import build_point_map, parse_points, to_pixel_coords, warn_negative_points
+from ..e2p_core.points import CoordSpace, build_point_map, parse_points, to_pixel_coords, warn_negative_points
 from .prediction import E2P_POINT_PROMPT, PointPromptInput
 
-COORD_SPACES = ("auto", "pixels", "normalized")
+COORD_SPACES = get_args(CoordSpace)  # ("auto", "pixels", "normalized")
 CLICK_MODES = ("app", "clicks")
 
 
@@ -60,6 +62,9 @@ POSITIVE_TOOLTIP = ("Foreground clicks as the KJNodes Points Editor writes them 
                     "'[[x, y], ...]'), in pixels of the image or normalized 0..1.")
 COORD_SPACE_TOOLTIP = ("How to read the coordinates: 'auto' = normalized when all lie in 0..1, else pixels; or force "
                        "'pixels' / 'normalized'.")
+NEGATIVE_TOOLTIP = "Background clicks: ignored with a warning (the model was trained on positive points only)."
+MASK_TOOLTIP = ("A rough foreground mask instead of clicks: 10 points are sampled where it exceeds 0.8, as the "
+                "training prompts were made.")
 
 
 class E2PPointPrompt:
@@ -90,11 +95,8 @@ class E2PPointPrompt:
                                "'clicks': Gaussians exactly at the clicks."}),
             },
             "optional": {
-                "negative_coords": ("STRING", {"default": "", "multiline": True,
-                                               "tooltip": "Background clicks: ignored with a warning (the model was "
-                                                          "trained on positive points only)."}),
-                "mask": ("MASK", {"tooltip": "A rough foreground mask instead of clicks: 10 points are sampled where "
-                                             "it exceeds 0.8, as the training prompts were made."}),
+                "negative_coords": ("STRING", {"default": "", "multiline": True, "tooltip": NEGATIVE_TOOLTIP}),
+                "mask": ("MASK", {"tooltip": MASK_TOOLTIP}),
             },
         }
 

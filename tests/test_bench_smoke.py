@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import FIXTURES, TINY_DIT_CONFIG
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -56,10 +58,9 @@ def test_speed_options_stay_close_to_the_eager_path():
     from e2p_core.prompts import PromptEmbeddings
     from e2p_core.weights import load_dit, load_vae
 
-    fixtures = REPO / "tests" / "fixtures" / "e2p_tiny"
-    dit = load_dit(fixtures / "dit_bfl.safetensors", {"axes_dims_rope": [4, 6, 6]})
-    vae = load_vae(fixtures / "vae_bfl.safetensors")
-    arrays = np.load(fixtures / "inputs.npz")
+    dit = load_dit(FIXTURES / "dit_bfl.safetensors", TINY_DIT_CONFIG)
+    vae = load_vae(FIXTURES / "vae_bfl.safetensors")
+    arrays = np.load(FIXTURES / "inputs.npz")
     prompt = PromptEmbeddings(torch.from_numpy(arrays["depth_t5_emb"]), torch.from_numpy(arrays["depth_pooled_emb"]))
     image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 0.03)):

@@ -212,9 +212,11 @@ def test_lora_merges_into_quantised_weights_within_one_step(gguf_file, dit, tmp_
         pairs[module] = LoraPair(torch.randn(4, in_features, generator=generator) * 0.3,
                                  torch.randn(out_features, 4, generator=generator) * 0.3)
     lora_path = tmp_path / "lora.safetensors"
-    save_safetensors_atomic(lora_to_kohya(pairs), lora_path)
+    save_safetensors_atomic(lora_to_kohya(pairs), lora_path, metadata={"e2p.time_embedding": "bf16"})
 
-    merged = load_gguf_dit(gguf_file, TINY_DIT_CONFIG, loras=[(lora_path, 0.5)]).state_dict_bfl
+    merged_dit = load_gguf_dit(gguf_file, TINY_DIT_CONFIG, loras=[(lora_path, 0.5)])
+    assert merged_dit.time_embedding == "bf16"  # the LoRA's record, as load_dit reads it
+    merged = merged_dit.state_dict_bfl
     base = numpy_dequantized(gguf_file)
     for module, pair in pairs.items():
         key = f"{module}.weight"

@@ -136,6 +136,15 @@ def test_normal_errors_match_a_pixel_loop_and_pool_over_images():
     assert math.isnan(angular_error_metrics(np.zeros(0))["mean"])
 
 
+def test_pooled_summary_takes_more_pixels_than_torch_quantile_allows():
+    # A dataset pooled FE2E-style easily exceeds 2^24 pixels (torch.quantile's limit); 2^24 + 2 values here.
+    errors = np.zeros(2**24 + 2, dtype=np.float32)
+    errors[2**23 + 1:] = 40.0  # half zeros, half 40: the two middle values are 0 and 40, the median is 20
+    summary = angular_error_metrics(errors)
+    assert summary["median"] == pytest.approx(20.0) and summary["mean"] == pytest.approx(20.0)
+    assert summary["below_30"] == pytest.approx(50.0)
+
+
 # -------------------------------------------------------------------------------------------------------- matting
 
 

@@ -39,11 +39,10 @@ from ..checkpoints import (
 )
 from ..checkpoints.sniff import strip_prefixes
 from ..errors import CheckpointError
-from ..weights import DiTWeights
+from ..weights import DiTWeights, recorded_time_embedding
 
 logger = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
 PLAIN_TYPES = {  # GGUF tensor types that are ordinary torch dtypes: read as plain tensors
     gguf.GGMLQuantizationType.F32: torch.float32,
     gguf.GGMLQuantizationType.F16: torch.float16,
@@ -54,14 +53,6 @@ WRITABLE_TYPES = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_1
                   gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_0)
 DEFAULT_QUANT_TYPE = gguf.GGMLQuantizationType.Q8_0  # ~1.06 bytes per weight; error ~0.4% of a row's max
 Q8_0_ROWS_PER_SLICE = 1024
-
-
-def is_gguf_file(path: str | Path) -> bool:
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with open(path, "rb") as handle:
-        return handle.read(4) == GGUF_MAGIC
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:
@@ -96,7 +87,8 @@ def read_gguf(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_gguf_dit(path: str | Path, config: str | Path | dict[str, Any] | None = None,
                   loras: list[tuple[str | Path, float]] = ()) -> DiTWeights:
-    """A BFL-named FLUX GGUF -> :class:`DiTWeights` whose Linear weights stay quantised, LoRAs merged.
+    """A BFL-named FLUX GGUF -> :class:`DiTWeights` whose Linear weights stay quantised, LoRAs merged; the
+    timestep-embedding variant is the one the LoRAs record, as for ``e2p_core.weights.load_dit``.
 
     ``config`` is a diffusers-style ``config.json`` (path or dict) for non-standard sizes, as for
     ``e2p_core.weights.load_dit``.
@@ -111,7 +103,7 @@ def load_gguf_dit(path: str | Path, config: str | Path | dict[str, Any] | None =
     architecture = infer_dit_architecture(shapes, config)
     for lora_path, strength in loras:
         state_dict = merge_lora_requantized(state_dict, load_lora_file(lora_path, architecture.mlp_ratio), strength)
-    return DiTWeights(state_dict, architecture, "bfl", None)
+    return DiTWeights(state_dict, architecture, "bfl", recorded_time_embedding(loras))
 
 
 def merge_lora_requantized(state_dict_bfl: dict[str, torch.Tensor], lora: dict, strength: float = 1.0

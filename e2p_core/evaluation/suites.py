@@ -190,6 +190,7 @@ def _eth3d_depth(root: DataRoot, row: list[str]) -> Sample:
 
 def _scannet_depth(root: DataRoot, row: list[str]) -> Sample:
     image, depth_m = _rgb(root, row[0]), _depth_png(root, row[1], 1000.0)
+    _check_same_size(image, depth_m.shape, row[0])
     return Sample(row[0], image, depth_m, np.ones(depth_m.shape, dtype=bool))
 
 
