@@ -9,6 +9,7 @@ Matting (§4.6): alpha in ``[-1, 1]``, binarised at 0.5 as the paper says, or so
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 DEPTH_SPACES = ("sqrt", "log", "uniform")
@@ -53,9 +54,9 @@ def encode_depth_target(
     if not bool(valid.any()):
         raise ValueError("depth target has no valid pixel")
     mapped = depth_to_space(depth_m.to(torch.float64), space)
-    bounds = torch.tensor(percentiles, dtype=torch.float64) / 100
-    low, high = torch.quantile(mapped[valid], bounds)
-    spread = (high - low).clamp_min(1e-12)
+    # numpy's linear percentile, as the reference; torch.quantile refuses more than 2^24 values
+    low, high = (float(v) for v in np.percentile(mapped[valid].cpu().numpy(), percentiles))
+    spread = max(high - low, 1e-12)
     return (((mapped - low) / spread - 0.5) * 2).clamp(-1, 1).to(torch.float32)
 
 

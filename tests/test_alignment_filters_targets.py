@@ -96,3 +96,12 @@ def test_normal_and_alpha_targets():
     alpha = torch.tensor([0.0, 0.4, 0.6, 1.0])
     assert encode_alpha_target(alpha).tolist() == [-1, -1, 1, 1]
     assert torch.allclose(encode_alpha_target(alpha, binarize=False), torch.tensor([-1.0, -0.2, 0.2, 1.0]))
+
+
+def test_depth_target_of_a_large_image_past_torch_quantile_limit():
+    """More valid pixels than torch.quantile accepts (2^24): the percentiles still come out (here by hand: a ramp)."""
+    side = 4097  # 4097^2 > 2^24
+    depth_m = torch.linspace(1, 2, side * side, dtype=torch.float32).reshape(side, side)
+    target = encode_depth_target(depth_m, torch.ones_like(depth_m, dtype=torch.bool), space="uniform")
+    middle = target.flatten()[side * side // 2].item()
+    assert middle == pytest.approx(0.0, abs=1e-4) and target.min() == -1 and target.max() == 1

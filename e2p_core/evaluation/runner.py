@@ -3,8 +3,8 @@
 Per sample: predict with ``e2p_core.pipeline.perceive`` (1 step, seed 42, the 768 square squash by default), take the
 prediction at the processing size, resize it to the ground truth with bilinear ``align_corners=True`` as the official
 script does, score it with ``e2p_core.metrics``, and average over the images. Unreadable samples are skipped and
-reported, never fatal mid-run; so are depth samples with fewer than 100 valid pixels or a SILog of 0/NaN, which the
-official script drops.
+reported, and so are depth samples with fewer than 100 valid pixels or a SILog of 0/NaN, which the official script
+drops; an error inside the model stops the run.
 """
 
 from __future__ import annotations
