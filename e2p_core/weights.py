@@ -74,7 +74,8 @@ def load_dit(
     state_dict_bfl, source_format = to_bfl(dequantize(state_dict, fp8_dtype))
     architecture = infer_dit_architecture(state_dict_bfl, config)
     for lora_path, strength in loras:
-        state_dict_bfl = merge_lora(state_dict_bfl, load_lora_file(lora_path, architecture.mlp_ratio), strength)
+        lora = load_lora_file(lora_path, architecture.mlp_ratio)
+        state_dict_bfl = merge_lora(state_dict_bfl, lora, strength, source=Path(lora_path).name)
     return DiTWeights(state_dict_bfl, architecture, source_format, recorded_time_embedding(loras, metadata))
 
 

@@ -23,6 +23,7 @@ from comfy.model_patcher import ModelPatcher
 
 from ..e2p_core.checkpoints import (
     DiTArchitecture,
+    check_lora_fits,
     infer_dit_architecture,
     load_config_json,
     load_lora_file,
@@ -124,13 +125,7 @@ def add_lora_patches(model: ModelPatcher, lora_path: str | Path, strength: float
     """A clone of ``model`` with the LoRA (kohya, BFL-PEFT, DiffSynth-PEFT or diffusers-PEFT) as weight patches."""
     lora_path = Path(lora_path)
     pairs = load_lora_file(lora_path, architecture.mlp_ratio)  # {BFL module: LoraPair}
-    weights = model.model.diffusion_model.state_dict()
-    for module, pair in pairs.items():
-        expected = [pair.up.shape[0], pair.down.shape[1]]
-        found = list(weights[f"{module}.weight"].shape) if f"{module}.weight" in weights else None
-        if found != expected:
-            raise CheckpointError(f"{lora_path.name} is a LoRA for another base model: {module} expects {expected}, "
-                                  f"the DiT has {found or 'no such layer'}")
+    check_lora_fits(pairs, model.model.diffusion_model.state_dict(), lora_path.name)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     patches = comfy.lora.load_lora(lora_to_kohya(pairs), key_map, log_missing=False)
     if len(patches) != len(pairs):

@@ -23,6 +23,7 @@ from .io import (
 )
 from .lora import (
     LoraPair,
+    check_lora_fits,
     load_lora,
     load_lora_file,
     lora_to_diffsynth_peft,
@@ -34,7 +35,8 @@ from .sniff import sniff_dit_format, sniff_lora_format, strip_prefixes
 from .vae_keys import sniff_vae_format, vae_bfl_to_diffusers, vae_diffusers_to_bfl, vae_to_diffusers
 
 __all__ = [
-    "DiTArchitecture", "LoraPair", "VAEArchitecture", "bfl_to_diffsynth", "bfl_to_diffusers", "convert_dit",
+    "DiTArchitecture", "LoraPair", "VAEArchitecture", "bfl_to_diffsynth", "bfl_to_diffusers", "check_lora_fits",
+    "convert_dit",
     "dequantize", "diffsynth_to_bfl", "diffusers_to_bfl", "infer_dit_architecture", "infer_vae_architecture",
     "load_config_json", "load_diffusers_folder", "load_lora", "load_lora_file", "load_state_dict",
     "lora_to_diffsynth_peft", "lora_to_diffusers_peft", "lora_to_kohya", "merge_lora", "read_metadata",

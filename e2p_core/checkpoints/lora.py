@@ -20,6 +20,7 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,21 +81,30 @@ def load_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = Non
     return _peft_to_bfl(pairs, _PEFT_STYLE_NAMING[style], mlp_ratio)
 
 
-def merge_lora(sd_bfl: dict[str, torch.Tensor], lora: dict[str, LoraPair], strength: float = 1.0
-               ) -> dict[str, torch.Tensor]:
+def check_lora_fits(lora: dict[str, LoraPair], weight_shapes: Mapping[str, Sequence[int]],
+                    source: str = "the LoRA") -> None:
+    """Raise unless every module of ``lora`` is in the base model with the shape of ``up @ down``.
+
+    ``weight_shapes``: BFL weight key -> shape of the base model (a state dict's tensors, or their shapes).
+    ``source`` names the LoRA in the message (its file name).
+    """
+    for module, pair in lora.items():
+        expected = [pair.up.shape[0], pair.down.shape[1]]
+        found = weight_shapes.get(f"{module}.weight")
+        found = None if found is None else list(getattr(found, "shape", found))
+        if found != expected:
+            raise CheckpointError(f"{source} is a LoRA for another base model: module {module} expects {expected}, "
+                                  f"the base model has {found or 'no such module'}")
+
+
+def merge_lora(sd_bfl: dict[str, torch.Tensor], lora: dict[str, LoraPair], strength: float = 1.0,
+               source: str = "the LoRA") -> dict[str, torch.Tensor]:
     """Return a copy of ``sd_bfl`` with ``W += strength * scale * up @ down`` (float32 math, W's dtype kept)."""
+    check_lora_fits(lora, sd_bfl, source)
     out = dict(sd_bfl)
     for module, pair in lora.items():
         key = f"{module}.weight"
-        expected = [pair.up.shape[0], pair.down.shape[1]]
-        if key not in sd_bfl:
-            raise CheckpointError(f"LoRA for another base model: module {module} expects {expected}, the base model "
-                                  f"has no such module")
-        weight = sd_bfl[key]
-        if list(weight.shape) != expected:
-            raise CheckpointError(f"LoRA for another base model: module {module} expects {expected}, base has "
-                                  f"{list(weight.shape)}")
-        out[key] = (weight.to(torch.float32) + strength * pair.delta()).to(weight.dtype)
+        out[key] = (sd_bfl[key].to(torch.float32) + strength * pair.delta()).to(sd_bfl[key].dtype)
     return out
 
 
