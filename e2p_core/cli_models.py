@@ -12,7 +12,7 @@ from .backends.memory import MEMORY_MODES
 from .errors import InputError
 from .prompts import PromptEmbeddings, cached_prompt_embeddings, load_prompt_embeddings
 from .tasks import MATTING_PROMPT_INFERENCE_PY, TASKS
-from .time_embedding import TIME_EMBEDDINGS
+from .time_embedding import AUTO, TIME_EMBEDDING_CHOICES, TIME_EMBEDDING_HELP
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_CACHE_DIR = Path(os.environ.get("E2P_CACHE_DIR", Path.home() / ".cache" / "edit2perceive"))
@@ -41,8 +41,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how the DiT weights are held: full (compute dtype, default), fp8 (fp8 storage, "
                              "~14 GiB), offload (block by block from host memory, 8-12 GB cards), fp8-offload, "
                              "gguf (kept quantised: a .gguf --dit as is, other files Q8_0)")
-    parser.add_argument("--time-embedding", choices=TIME_EMBEDDINGS,
-                        help="timestep-frequency variant (default: as the DiT file records, else 'reference')")
+    parser.add_argument("--time-embedding", choices=TIME_EMBEDDING_CHOICES, default=AUTO,
+                        help=f"{TIME_EMBEDDING_HELP} (default: %(default)s)")
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:

@@ -68,17 +68,16 @@ def parse_points(text: str) -> list[tuple[float, float]]:
     """Parse a point list string into (x, y) tuples, in the units given (pixels or normalized).
 
     Accepts the KJNodes Points Editor / SAM2 format ``[{"x": 512, "y": 384}, ...]`` (single quotes tolerated, as
-    SAM2 parses it) and ``[[x, y], ...]``. ``""``, whitespace and ``"[]"`` mean no points.
+    SAM2 parses it) and ``[[x, y], ...]``. An empty string, whitespace, ``[]`` and a JSON-quoted string of these
+    (KJNodes' Points Editor writes ``""`` for an empty negative list) mean no points.
     """
     if not isinstance(text, str):
         raise InputError(f"points must be a JSON string, got {type(text).__name__}; expected {_EXPECTED_FORMAT}")
-    if not text.strip():
+    data = _decode_point_json(text)
+    if isinstance(data, str):  # JSON text quoted once more, as KJNodes' '""'
+        data = _decode_point_json(data)
+    if data is None:
         return []
-    try:
-        data = json.loads(text.replace("'", '"'))
-    except json.JSONDecodeError as err:
-        raise InputError(f"points {_short(text)!r} are not valid JSON ({err.msg}); "
-                         f"expected {_EXPECTED_FORMAT}") from None
     if not isinstance(data, list):
         raise InputError(f"points {_short(text)!r} are not a list; expected {_EXPECTED_FORMAT}")
     points = []
@@ -95,6 +94,18 @@ def parse_points(text: str) -> list[tuple[float, float]]:
                              f"expected {_EXPECTED_FORMAT}")
         points.append((_coordinate(x, entry), _coordinate(y, entry)))
     return points
+
+
+def _decode_point_json(text: str) -> object:
+    """The JSON value of ``text`` (None when it is blank), or an InputError quoting it."""
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text.replace("'", '"'))
+    except (json.JSONDecodeError, RecursionError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+        raise InputError(f"points {_short(text)!r} are not valid JSON ({reason}); "
+                         f"expected {_EXPECTED_FORMAT}") from None
 
 
 def warn_negative_points(text: str) -> int:

@@ -10,6 +10,10 @@ Variants:
   rounded; float32 compute: exact). This reproduces the official pipeline at every dtype.
 * ``bf16``      -- always round to bf16: how the released weights were trained, even when computing in float32.
 * ``exact``     -- float32 frequencies, as BFL / diffusers / ComfyUI.
+
+``auto`` (the default of the nodes and the CLI) runs the variant the weights record (``e2p.time_embedding``, written
+by ``python -m train``), else ``bf16``: every known Edit2Perceive weight was trained with bf16-rounded frequencies, and
+a record can be lost on the way (core ComfyUI LoRA loaders do not read safetensors metadata).
 """
 
 import math
@@ -21,6 +25,13 @@ from .errors import InputError
 
 TimeEmbedding = Literal["reference", "bf16", "exact"]
 TIME_EMBEDDINGS: tuple[str, ...] = ("reference", "bf16", "exact")
+AUTO = "auto"
+TIME_EMBEDDING_CHOICES: tuple[str, ...] = (AUTO, *TIME_EMBEDDINGS)
+UNRECORDED_TIME_EMBEDDING: TimeEmbedding = "bf16"  # how every known Edit2Perceive weight was trained
+TIME_EMBEDDING_HELP = ("timestep-frequency variant: 'auto' = what the weights record (python -m train writes it), "
+                       "else 'bf16' (bf16-rounded frequencies, how every released Edit2Perceive weight was trained); "
+                       "'reference' = rounded to the compute dtype as the official code; 'exact' = float32 "
+                       "frequencies as ComfyUI/BFL")
 SINUSOID_CHANNELS = 256
 MAX_PERIOD = 10000
 
@@ -29,6 +40,13 @@ def check_time_embedding(variant: str) -> TimeEmbedding:
     if variant not in TIME_EMBEDDINGS:
         raise InputError(f"time embedding variant must be one of {TIME_EMBEDDINGS}, got {variant!r}")
     return variant  # type: ignore[return-value]
+
+
+def resolve_time_embedding(requested: str | None, recorded: TimeEmbedding | None) -> TimeEmbedding:
+    """The variant to run: ``requested``, or for ``auto`` (or None) the ``recorded`` one, else bf16."""
+    if requested in (None, AUTO):
+        return recorded or UNRECORDED_TIME_EMBEDDING
+    return check_time_embedding(requested)
 
 
 def sinusoid_frequencies(variant: TimeEmbedding, compute_dtype: torch.dtype, device=None) -> torch.Tensor:

@@ -16,14 +16,13 @@ from ..e2p_core.errors import InputError
 from ..e2p_core.images import ResizeMode
 from ..e2p_core.pipeline import perceive
 from ..e2p_core.schedule import MAX_STEPS
-from ..e2p_core.time_embedding import TIME_EMBEDDINGS
+from ..e2p_core.time_embedding import AUTO, TIME_EMBEDDING_CHOICES, resolve_time_embedding
 from .comfy_backend import ComfyCodec, ComfyDenoiser
 from .conditioning import conditioning_to_prompt
 from .loader import TIME_EMBEDDING_ATTACHMENT
 from .prediction import E2P_POINT_PROMPT, E2P_PREDICTION, PointPromptInput, Prediction
 
 RESIZE_MODES = get_args(ResizeMode)  # ("aligned", "reference")
-AUTO = "auto"
 NATIVE_RESOLUTION = 0  # the resolution input's value for "process at the image's own size"
 DEFAULT_CHUNK = 4
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -53,8 +52,7 @@ def run_perceive(
         height, width = point_prompt.image_hw
         raise InputError(f"the point prompt was made on a {width}x{height} image, the image to perceive is "
                          f"{frames.shape[2]}x{frames.shape[1]}; connect the same image to both nodes")
-    if time_embedding == AUTO:
-        time_embedding = model.get_attachment(TIME_EMBEDDING_ATTACHMENT) or "reference"
+    time_embedding = resolve_time_embedding(time_embedding, model.get_attachment(TIME_EMBEDDING_ATTACHMENT))
     denoiser = ComfyDenoiser(model, time_embedding)
     codec = ComfyCodec(vae, denoiser.dtype, denoiser.device)
     prompt = prompt.to(denoiser.device, denoiser.dtype)
@@ -148,11 +146,12 @@ class E2PPerceive:
                 "resolution": RESOLUTION_INPUT,
                 "chunk_size": ("INT", {"default": DEFAULT_CHUNK, "min": 1, "max": 256,
                                        "tooltip": "Frames per model call; lower it if memory runs out on videos."}),
-                "time_embedding": ([AUTO, *TIME_EMBEDDINGS], {
+                "time_embedding": (list(TIME_EMBEDDING_CHOICES), {
                     "default": AUTO,
-                    "tooltip": "Timestep-embedding variant: 'auto' = what the model file records, else 'reference' "
-                               "(bf16-rounded frequencies in bf16, as the released weights were trained); 'exact' "
-                               "= ComfyUI/BFL float32 frequencies."}),
+                    "tooltip": "Timestep-embedding variant: 'auto' = what the model file or the pack's loader's "
+                               "LoRA records, else 'bf16' (bf16-rounded frequencies, how every released "
+                               "Edit2Perceive weight was trained); 'reference' = rounded to the compute dtype as "
+                               "the official code; 'exact' = ComfyUI/BFL float32 frequencies."}),
             },
             "optional": {
                 "point_prompt": (E2P_POINT_PROMPT, {"tooltip": "Matting: the clicks from 'Edit2Perceive Point "

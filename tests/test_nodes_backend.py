@@ -99,7 +99,8 @@ def test_native_path_matches_diffusers_path(name, dit_files, comfy_vae, inputs_n
     settings = settings_of(name)
     loras = [(FIXTURES / "lora_kohya.safetensors", 1.0)] if settings["lora"] else []
     dit = load_dit(FIXTURES / "dit_bfl.safetensors", TINY_DIT_CONFIG, loras)
-    denoiser, codec = load_diffusers_backend(dit, load_vae(FIXTURES / "vae_bfl.safetensors"), torch.float32, "cpu")
+    denoiser, codec = load_diffusers_backend(dit, load_vae(FIXTURES / "vae_bfl.safetensors"), torch.float32, "cpu",
+                                             time_embedding="reference")  # as comfy_backend's
     image = load_image_rgb(FIXTURES / "input.png")
     point_map = inputs_npz["point_mask"] if settings["task"] == "matting" else None
     expected = perceive_diffusers(denoiser, codec, image, settings["task"],

@@ -16,7 +16,13 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from ..checkpoints import DiTArchitecture, VAEArchitecture, bfl_to_diffusers
 from ..errors import CheckpointError
 from ..prompts import PromptEmbeddings
-from ..time_embedding import TimeEmbedding, check_time_embedding, sinusoid_frequencies, timestep_sinusoid
+from ..time_embedding import (
+    TimeEmbedding,
+    check_time_embedding,
+    resolve_time_embedding,
+    sinusoid_frequencies,
+    timestep_sinusoid,
+)
 from ..weights import DiTWeights, VAEWeights
 from .memory import MemoryMode, builds_on_host, check_memory_mode, place_transformer
 
@@ -177,13 +183,13 @@ def load_diffusers_backend(
     vae: VAEWeights,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
-    time_embedding: TimeEmbedding | None = None,
+    time_embedding: str | None = None,
     memory_mode: MemoryMode = "full",
 ) -> tuple[DiffusersDenoiser, DiffusersCodec]:
-    """Denoiser and codec from loaded weights. ``time_embedding`` defaults to what the DiT file records, else
-    ``reference`` (see ``e2p_core.time_embedding``); ``memory_mode`` says how the DiT's weights are held (see
+    """Denoiser and codec from loaded weights. ``time_embedding`` ``auto`` (or None) is what the DiT file records,
+    else ``bf16`` (see ``e2p_core.time_embedding``); ``memory_mode`` says how the DiT's weights are held (see
     ``backends.memory``). GGUF-quantised weights are dequantised on load unless the mode is ``gguf``."""
-    variant = time_embedding or dit.time_embedding or "reference"
+    variant = resolve_time_embedding(time_embedding, dit.time_embedding)
     mode = check_memory_mode(memory_mode)
     device = torch.device(device)
     state_dict_bfl = dit.state_dict_bfl

@@ -49,6 +49,19 @@ def load_pack():
     return pack
 
 
+def core_nodes():
+    """ComfyUI's own ``nodes.py`` (core UNETLoader, LoraLoaderModelOnly, ...), imported under the name
+    ``comfy_core_nodes`` so that it shadows nothing: the repository's ``nodes`` package keeps its name."""
+    name = "comfy_core_nodes"
+    if name not in sys.modules:
+        load_pack()
+        spec = importlib.util.spec_from_file_location(name, comfy_root() / "nodes.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def use_model_folders(root: Path) -> dict[str, Path]:
     """Point ComfyUI's model folders used by the pack at fresh folders under ``root``; returns them by key."""
     import folder_paths
