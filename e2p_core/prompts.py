@@ -18,9 +18,11 @@ This module must stay importable without ``transformers`` (ComfyUI imports it wi
 imported only when an encoder is actually loaded.
 """
 
+import gc
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,22 +30,19 @@ from typing import TYPE_CHECKING
 import safetensors
 import torch
 
+from . import text_encoders
 from .checkpoints.io import save_safetensors_atomic
 from .errors import CheckpointError, E2PError, InputError
+from .text_encoders import EncoderFiles, EncoderKind, TextEncoders, find_text_encoders
 
 if TYPE_CHECKING:  # for the annotations only: importing transformers at run time is deferred to the encoders
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "e2p-prompt-embeds-v1"
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
-
-# Subfolders of a diffusers FLUX(.1-Kontext-dev) repository that hold the two text encoders and their tokenizers.
-CLIP_MODEL_DIR, CLIP_TOKENIZER_DIR = "text_encoder", "tokenizer"
-T5_MODEL_DIR, T5_TOKENIZER_DIR = "text_encoder_2", "tokenizer_2"
-ENCODER_SUBFOLDERS = (CLIP_MODEL_DIR, CLIP_TOKENIZER_DIR, T5_MODEL_DIR, T5_TOKENIZER_DIR)
 
 _TENSOR_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -133,81 +132,53 @@ def _folder_listing(path: Path) -> str:
 
 def encode_prompts(
     prompts: list[str],
-    text_encoders: str | Path,
+    text_encoders: str | Path | TextEncoders,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> list[PromptEmbeddings]:
-    """Encode each prompt with CLIP-L and T5 from a diffusers FLUX folder; the encoders are freed on return.
+    """Encode each prompt with CLIP-L and T5 (a folder as ``find_text_encoders`` reads it, or the files found);
+    the encoders are freed on return.
 
     The encoders run one after the other (never both in memory), each prompt on its own, so a prompt gets the same
     embeddings whatever else is in the list.
     """
     if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
         raise InputError(f"prompts must be a list of strings; got {prompts!r}")
-    folder = _text_encoder_folder(text_encoders)
+    encoders = text_encoders if isinstance(text_encoders, TextEncoders) else find_text_encoders(text_encoders)
     if not prompts:
         return []
-    from transformers import CLIPTextModel, T5EncoderModel
-
     # CLIP-L: the pooled vector (the final-layer-norm state at the end token), each [1, P].
-    pooled_per_prompt = _run_encoder(CLIPTextModel, folder / CLIP_MODEL_DIR, folder / CLIP_TOKENIZER_DIR,
-                                     CLIP_MAX_LENGTH, "pooler_output", prompts, device, dtype)
+    pooled_per_prompt = _run_encoder(encoders.clip, "clip", CLIP_MAX_LENGTH, "pooler_output", prompts, device, dtype)
     # T5: the last hidden state of all 512 tokens, each [1, 512, D]. No attention mask: FLUX attends to the padding
     # tokens too, in T5 and in the DiT.
-    embeds_per_prompt = _run_encoder(T5EncoderModel, folder / T5_MODEL_DIR, folder / T5_TOKENIZER_DIR, T5_MAX_LENGTH,
-                                     "last_hidden_state", prompts, device, dtype)
+    embeds_per_prompt = _run_encoder(encoders.t5, "t5", T5_MAX_LENGTH, "last_hidden_state", prompts, device, dtype)
     return [
         PromptEmbeddings(embeds, pooled, prompt)
         for prompt, embeds, pooled in zip(prompts, embeds_per_prompt, pooled_per_prompt, strict=True)
     ]
 
 
-def _text_encoder_folder(text_encoders: str | Path) -> Path:
-    folder = Path(text_encoders)
-    missing = [name for name in ENCODER_SUBFOLDERS if not (folder / name).is_dir()]
-    if missing:
-        where = "does not exist" if not folder.is_dir() else f"lacks the subfolders {missing}"
-        raise CheckpointError(
-            f"text encoder folder {folder} {where}; expected a diffusers FLUX layout (as FLUX.1-Kontext-dev) with the "
-            f"subfolders {list(ENCODER_SUBFOLDERS)} (CLIP-L model + tokenizer, T5-XXL model + tokenizer)"
-        )
-    return folder
-
-
 def _run_encoder(
-    model_class: type["PreTrainedModel"], model_dir: Path, tokenizer_dir: Path, max_length: int, output: str,
-    prompts: list[str], device: torch.device | str, dtype: torch.dtype,
+    files: EncoderFiles, kind: EncoderKind, max_length: int, output: str, prompts: list[str], device: torch.device | str,
+    dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     """``output`` of one text encoder for each prompt, padded/truncated to ``max_length`` tokens."""
-    tokenizer, model = _load_encoder(model_class, model_dir, tokenizer_dir, dtype)
+    tokenizer, model = text_encoders.load_encoder(files, kind, dtype)
     model.to(device)
     outputs = []
     with torch.no_grad():
         for prompt in prompts:
-            token_ids = _tokenize(tokenizer, prompt, max_length).to(device)  # [1, max_length]
+            token_ids = tokenize(tokenizer, prompt, max_length).to(device)  # [1, max_length]
             outputs.append(getattr(model(input_ids=token_ids), output))
-    del model  # the last reference: the weights are freed before the next encoder is loaded
+    # The last reference: the weights are freed before the next encoder is loaded (gc breaks any module cycles).
+    del model
+    gc.collect()
     _release_cached_memory(device)
     return outputs
 
 
-def _load_encoder(
-    model_class: type["PreTrainedModel"], model_dir: Path, tokenizer_dir: Path, dtype: torch.dtype
-) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot load the tokenizer in {tokenizer_dir}: {error}") from error
-    try:
-        model = model_class.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, safetensors.SafetensorError) as error:
-        raise CheckpointError(f"cannot load a {model_class.__name__} from {model_dir}: {error}") from error
-    return tokenizer, model
-
-
-def _tokenize(tokenizer: "PreTrainedTokenizerBase", prompt: str, max_length: int) -> torch.Tensor:
+def tokenize(tokenizer: "PreTrainedTokenizerBase", prompt: str, max_length: int) -> torch.Tensor:
+    """[1, max_length] token ids as the reference feeds them: specials added, truncated, padded to ``max_length``."""
     encoded = tokenizer([prompt], max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")
     return encoded.input_ids
 
@@ -221,38 +192,52 @@ def _release_cached_memory(device: torch.device | str) -> None:
 # ---------------------------------------------------------------------------------------------------------- cache
 
 
+@dataclass(frozen=True)
+class EncoderSource:
+    """Text encoders that may not be on disk yet: ``identity`` keys the cache, ``locate`` finds (or fetches) them.
+
+    A cache hit needs only ``identity``, so a cached prompt never loads, finds or downloads an encoder.
+    """
+
+    identity: list
+    locate: Callable[[], TextEncoders]
+    description: str
+
+
+def local_encoder_source(text_encoders: str | Path) -> EncoderSource:
+    """The encoders in a folder (see ``find_text_encoders``), identified by their files' names, sizes and times."""
+    encoders = find_text_encoders(text_encoders)
+    return EncoderSource(encoders.identity(), lambda: encoders, str(text_encoders))
+
+
 def cached_prompt_embeddings(
     prompt: str,
-    text_encoders: str | Path,
+    text_encoders: "str | Path | EncoderSource",
     cache_dir: str | Path,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> PromptEmbeddings:
     """The embeddings of ``prompt``, encoded once and then read from ``cache_dir`` without loading any encoder.
 
-    An entry is keyed by the prompt, the dtype the encoders ran in, the format version and the identity of the encoder
-    files (names, sizes, modification times), so replacing the encoders re-encodes; moving the folder does not.
+    An entry is keyed by the prompt, the dtype the encoders ran in, the format version and the identity of the
+    encoders (for a folder: its files' names, sizes and modification times, so replacing the encoders re-encodes;
+    moving the folder does not).
     """
     if not isinstance(prompt, str):
         raise InputError(f"prompt must be a string; got {prompt!r}")
-    folder = _text_encoder_folder(text_encoders)
-    cache_file = Path(cache_dir) / f"{_cache_key(prompt, folder, dtype)}.safetensors"
+    source = text_encoders if isinstance(text_encoders, EncoderSource) else local_encoder_source(text_encoders)
+    cache_file = Path(cache_dir) / f"{_cache_key(prompt, source.identity, dtype)}.safetensors"
     if cache_file.is_file():
         cached = load_prompt_embeddings(cache_file)
         if cached.prompt == prompt:  # guards against a hand-copied file under a colliding name
             return cached.to(device, dtype)
-    (embeddings,) = encode_prompts([prompt], folder, device, dtype)
+    logger.info("encoding the prompt %r with the text encoders of %s (once: the result is cached in %s)", prompt,
+                source.description, cache_file.parent)
+    (embeddings,) = encode_prompts([prompt], source.locate(), device, dtype)
     save_prompt_embeddings(embeddings, cache_file)
     return embeddings
 
 
-def _cache_key(prompt: str, folder: Path, dtype: torch.dtype) -> str:
-    # stat() only: hashing the weights themselves would read ~10 GB on every call.
-    encoder_files = [
-        [file.relative_to(folder).as_posix(), file.stat().st_size, file.stat().st_mtime_ns]
-        for name in ENCODER_SUBFOLDERS
-        for file in sorted((folder / name).rglob("*"))
-        if file.is_file()
-    ]
-    identity = {"format": FORMAT, "prompt": prompt, "dtype": str(dtype), "encoder_files": encoder_files}
+def _cache_key(prompt: str, encoder_identity: list, dtype: torch.dtype) -> str:
+    identity = {"format": FORMAT, "prompt": prompt, "dtype": str(dtype), "encoders": encoder_identity}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:32]
