@@ -173,19 +173,24 @@ def load_encoder(
     files: EncoderFiles, kind: EncoderKind, dtype: torch.dtype
 ) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
     """(tokenizer, model in eval mode on the CPU in ``dtype``) for one encoder, from either layout."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise E2PError(INSTALL_HINT) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(files.tokenizer, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot load the tokenizer in {files.tokenizer}: {error}") from error
+    tokenizer = load_tokenizer(files.tokenizer)
     if files.weights.is_dir():
         model = _load_transformers_folder(files.weights, kind, dtype)
     else:
         model = load_single_file(files.weights, kind, dtype, tokenizer)
     return tokenizer, model.eval()
+
+
+def load_tokenizer(folder: Path) -> "PreTrainedTokenizerBase":
+    """The transformers tokenizer saved in ``folder`` (a FLUX ``tokenizer{,_2}/`` or a ComfyUI copy)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise E2PError(INSTALL_HINT) from None
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {error}") from error
 
 
 def _load_transformers_folder(folder: Path, kind: EncoderKind, dtype: torch.dtype) -> "PreTrainedModel":
