@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=convert)
 
     e = commands.add_parser("embed-prompts", help="precompute the task prompt embeddings (T5 + CLIP pooled)")
-    e.add_argument("--text-encoders", required=True, help="FLUX folder with text_encoder(_2) and tokenizer(_2)")
+    e.add_argument("--text-encoders", required=True, help="a diffusers FLUX folder, a ComfyUI models/text_encoders "
+                                                          "folder (clip_l + t5xxl_fp16) or a ComfyUI folder")
     e.add_argument("--out-dir", default=".", help="where <task>.safetensors go")
     e.add_argument("--task", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     e.add_argument("--prompt", help="encode this text instead of the task prompts (needs --out)")

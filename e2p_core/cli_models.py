@@ -29,8 +29,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-config", help="diffusers-style config.json for a non-standard VAE")
     parser.add_argument("--prompt-embeds",
                         help="safetensors with prompt_embeds [1,L,D] and pooled_prompt_embeds [1,P] (embed-prompts)")
-    parser.add_argument("--text-encoders", help="FLUX folder with text_encoder(_2)/tokenizer(_2), instead of "
-                                                "--prompt-embeds; results are cached")
+    parser.add_argument("--text-encoders", help="instead of --prompt-embeds: a diffusers FLUX folder, a ComfyUI "
+                                                "models/text_encoders folder (clip_l + t5xxl_fp16) or a ComfyUI "
+                                                "folder; the encoding is cached")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
                         help="prompt-embedding cache (default: %(default)s)")
     parser.add_argument("--matting-prompt", choices=("training", "inference_py"), default="training",

@@ -320,3 +320,15 @@ def test_comfyui_files_are_encoded_once_freed_then_read_from_the_cache(
     assert len(loads) == 2  # no encoder touched
     assert torch.equal(second.prompt_embeds, first.prompt_embeds)
     assert torch.equal(second.pooled_prompt_embeds, first.pooled_prompt_embeds)
+
+
+def test_embed_prompts_reads_a_comfyui_folder(comfy_encoders: TinyComfyEncoders, tmp_path: Path) -> None:
+    from e2p_core.cli import main
+    from e2p_core.prompts import load_prompt_embeddings
+
+    assert main(["embed-prompts", "--text-encoders", str(comfy_encoders.root), "--out-dir", str(tmp_path),
+                 "--task", "normal"]) == 0
+    written = load_prompt_embeddings(tmp_path / "normal.safetensors")
+    expected_embeds, expected_pooled = comfy_encoders.expected(TASKS["normal"].prompt)
+    torch.testing.assert_close(written.prompt_embeds, expected_embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(written.pooled_prompt_embeds, expected_pooled, rtol=0, atol=1e-5)
