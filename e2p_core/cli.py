@@ -1,7 +1,9 @@
 """``python -m e2p_core``: predict, convert weights, precompute prompt embeddings, and evaluate on benchmarks.
 
+    python -m e2p_core predict --task depth --image photo.jpg --out depth.png   # weights from disk or the hub
     python -m e2p_core predict --task depth --dit kontext.safetensors --lora depth_lora.safetensors --vae ae.safetensors
         --prompt-embeds depth.safetensors --image photo.jpg --out depth.png
+    python -m e2p_core download --task depth [--weights lora|full] [--comfyui COMFYUI_DIR | --to DIR]
     python -m e2p_core convert --kind dit --input depth.safetensors --to bfl --output depth_bfl.safetensors
     python -m e2p_core embed-prompts --text-encoders FLUX.1-Kontext-dev --out-dir embeddings/
     python -m e2p_core evaluate --task depth --suite nyuv2 --data-root nyu_labeled_extracted.tar --dit ... --vae ...
@@ -46,6 +48,7 @@ from .cli_models import (
 from .conventions import depth_hint, normals_to_convention, normals_to_rgb01
 from .errors import E2PError, InputError
 from .evaluation.command import add_evaluate_parser
+from .hub.command import add_download_parser
 from .images import load_image_rgb
 from .pipeline import Perception, PointPrompt
 from .points import parse_points, to_pixel_coords, warn_negative_points
@@ -307,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(run=embed_prompts)
 
     add_evaluate_parser(commands)
+    add_download_parser(commands)
     return parser
 
 

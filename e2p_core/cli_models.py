@@ -10,6 +10,7 @@ import torch
 from .backends.base import Denoiser, LatentCodec
 from .backends.memory import MEMORY_MODES
 from .errors import InputError
+from .hub.command import add_source_arguments, fill_model_paths
 from .prompts import PromptEmbeddings, cached_prompt_embeddings, load_prompt_embeddings
 from .tasks import MATTING_PROMPT_INFERENCE_PY, TASKS
 from .time_embedding import AUTO, TIME_EMBEDDING_CHOICES, TIME_EMBEDDING_HELP
@@ -20,12 +21,13 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("E2P_CACHE_DIR", Path.home() / ".cache" 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The weights, prompt, device, dtype and memory options (the task and the run options are the command's)."""
-    parser.add_argument("--dit", required=True, help="base or E2P DiT: BFL/ComfyUI file (fp8 ok), DiffSynth file, "
-                                                     "city96/ComfyUI-GGUF .gguf, or diffusers folder")
+    parser.add_argument("--dit", help="base or E2P DiT: BFL/ComfyUI file (fp8 ok), DiffSynth file, city96/ComfyUI-GGUF "
+                                      ".gguf, or diffusers folder (default: --weights from disk or the hub)")
     parser.add_argument("--dit-config", help="diffusers-style config.json for non-standard DiT sizes (RoPE axes)")
     parser.add_argument("--lora", action="append", default=[],
                         help="task LoRA (kohya/PEFT), PATH or PATH:STRENGTH; repeatable")
-    parser.add_argument("--vae", required=True, help="Flux VAE: BFL ae.safetensors or diffusers folder")
+    parser.add_argument("--vae", help="Flux VAE: BFL ae.safetensors or diffusers folder (default: ae.safetensors from "
+                                      "disk or the hub)")
     parser.add_argument("--vae-config", help="diffusers-style config.json for a non-standard VAE")
     parser.add_argument("--prompt-embeds",
                         help="safetensors with prompt_embeds [1,L,D] and pooled_prompt_embeds [1,P] (embed-prompts)")
@@ -44,6 +46,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "gguf (kept quantised: a .gguf --dit as is, other files Q8_0)")
     parser.add_argument("--time-embedding", choices=TIME_EMBEDDING_CHOICES, default=AUTO,
                         help=f"{TIME_EMBEDDING_HELP} (default: %(default)s)")
+    add_source_arguments(parser)
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -91,13 +94,15 @@ def resolution_arg(value: str) -> int | str:
 def load_model(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> tuple[Denoiser, LatentCodec, str]:
-    """``(denoiser, codec, source_format)`` of the diffusers backend for ``--dit``/``--lora``/``--vae``.
+    """``(denoiser, codec, source_format)`` of the diffusers backend for ``--dit``/``--lora``/``--vae``; the ones not
+    given come from the sources table (on disk, else downloaded: ``hub.command.fill_model_paths``).
 
     diffusers is imported here, not at module level: only commands that run a model pay for it.
     """
     from .backends.diffusers_backend import load_diffusers_backend
     from .weights import load_dit, load_vae
 
+    fill_model_paths(args)
     loras = [lora_arg(spec) for spec in args.lora]
     if Path(args.dit).suffix.lower() == ".gguf":  # city96 / ComfyUI-GGUF: quantised weights, see backends.gguf
         from .backends.gguf import load_gguf_dit

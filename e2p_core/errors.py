@@ -15,3 +15,7 @@ class CheckpointError(E2PError):
 
 class InputError(E2PError):
     """An image, point prompt, mask, noise tensor or option is malformed or out of range."""
+
+
+class HubError(E2PError):
+    """A model file is not on disk and cannot be downloaded: offline, gated, not found, no disk space, or damaged."""

@@ -1,0 +1,53 @@
+"""Test support for hub downloads: the fake hub server and the tiny test weights under the real repository names."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from e2p_core.hub import MODEL_FILES
+
+from .fake_hub import FakeHub, Request
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "e2p_tiny"
+CHUNK_BYTES = 16 * 1024  # the client's write chunk in tests (see hub_environment)
+
+# The table's files, played by the tiny parity weights: the Kontext base by the tiny BFL DiT, the task LoRAs by the
+# tiny kohya LoRA, the full checkpoints by the tiny DiffSynth DiT (the released full checkpoints' naming), the Flux
+# VAE by the tiny VAE (in Kontext's repository and, byte-identical, in schnell's).
+TINY_STAND_INS = {
+    "kontext": "dit_bfl.safetensors",
+    "vae": "vae_bfl.safetensors",
+    **{f"{task}_lora": "lora_kohya.safetensors" for task in ("depth", "normal", "matting")},
+    **{f"{task}_full": "dit_diffsynth.safetensors" for task in ("depth", "normal", "matting")},
+}
+
+
+def serve_tiny_models(hub: FakeHub) -> None:
+    """Put the tiny stand-ins on ``hub`` at the table's repositories and paths (FLUX.1-Kontext-dev gated)."""
+    for key, fixture in TINY_STAND_INS.items():
+        file = MODEL_FILES[key]
+        data = (FIXTURES / fixture).read_bytes()
+        hub.add_file(file.hub.repo, file.hub.path, data, gated=file.gated)
+        if file.ungated_copy is not None:
+            hub.add_file(file.ungated_copy.repo, file.ungated_copy.path, data, gated=False)
+
+
+__all__ = ["CHUNK_BYTES", "FIXTURES", "TINY_STAND_INS", "FakeHub", "Request", "hub_environment", "serve_tiny_models"]
+
+
+def hub_environment(monkeypatch, hub: FakeHub, home: Path) -> None:
+    """Point the real client at ``hub`` with an empty cache in ``home`` and no token, offline mode off."""
+    import huggingface_hub.constants
+    import huggingface_hub.file_download
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(home))
+    for name in ("HF_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    # A token saved by `hf auth login` on this machine must not leak in (the client read these paths at import).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    # The client sleeps 1 s before each resume of a dropped transfer; the tests drop many on purpose.
+    monkeypatch.setattr(huggingface_hub.file_download, "time", SimpleNamespace(sleep=lambda _seconds: None))
+    # The client writes what arrives in chunks of 10 MB, so a transfer cut inside the first chunk restarts from 0;
+    # the tiny test files are smaller than that, so the chunks shrink with them.
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", CHUNK_BYTES)
