@@ -34,7 +34,7 @@ def predict_args(tmp_path, prompt_files, dit_config_file, run_name: str) -> list
     return ["predict", "--task", "depth", "--image", str(FIXTURES / "input.png"), "--out", str(tmp_path / "depth.png"),
             "--raw", str(tmp_path / "raw.safetensors"), "--dit-config", str(dit_config_file),
             "--prompt-embeds", str(prompt_files["depth"]), "--noise", str(noise), "--resolution", "native",
-            "--dtype", "fp32", "--device", "cpu"]
+            "--dtype", "fp32", "--device", "cpu", "--time-embedding", "reference"]
 
 
 @pytest.mark.parametrize("weights", sorted(RUN_OF_WEIGHTS))
