@@ -5,13 +5,14 @@ benchmarks average per-image values, E2P-SPEC §6). Inputs may be torch tensors 
 in float64 on the CPU.
 
 * Depth (§6.1): the affine-invariant prediction is least-squares aligned to the ground truth in a depth *space*, mapped
-  back to metres, clipped to the valid range, and scored with the usual AbsRel, δ1..δ3, RMSE, SqRel, RMSE-log, log10 and
-  SILog.
+  back to metres, clipped to the valid range (:func:`align_depth`, E2P; :func:`align_depth_log_fe2e`, FE2E), and
+  scored with the usual AbsRel, δ1..δ3, RMSE, SqRel, RMSE-log, log10 and SILog (:func:`metric_depth_metrics`).
 * Normals (§6.2): the angle between predicted and ground-truth vectors, in degrees, summarised per image
-  (:func:`normal_metrics`, E2P) or over a whole dataset from pooled per-pixel errors (:func:`angular_error_metrics`
-  of the concatenated :func:`normal_angular_errors`, FE2E).
+  (:func:`normal_metrics`, E2P) or over a whole dataset by :class:`PooledAngularErrors` (FE2E), which keeps a
+  histogram instead of every pixel's error.
 * Matting (§6.3): MSE, MAD, SAD, Grad and Conn over the whole image with the conventional scalings of the Deep Image
-  Matting evaluation (MSE and MAD per pixel, SAD / Grad / Conn summed and divided by 1000).
+  Matting evaluation (MSE and MAD per pixel, SAD / Grad / Conn summed and divided by 1000). Conn follows the official
+  Edit2Perceive evaluation by default; the dataset owners' definition is an option (``CONN_COMPONENTS``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ DELTA_BASE = 1.25
 MATTING_SUM_SCALE = 1000.0  # SAD, Grad and Conn are reported in thousands, as in every matting paper
 CONN_STEP = 0.1
 CONN_MIN_DISTANCE = 0.15  # the DIM connectivity ignores distances to the threshold level below this
+FE2E_MAX_LOG_DEPTH = 5.0  # FE2E clips the aligned log depth here before exp
+FE2E_MIN_DEPTH_M = 1e-6  # and every aligned depth to at least this, "so that d > 0 for evaluation"
+POOLED_BIN_DEG = 1e-3  # histogram bin of the pooled median: its error is at most half of this
 
 
 def _float64(values) -> torch.Tensor:
@@ -69,11 +73,41 @@ def align_depth(
     return depth_from_space(aligned, space).clamp(min_depth, max_depth)
 
 
+def align_depth_log_fe2e(
+    prediction, depth_m, valid, min_depth: float = 1e-3, max_depth: float | None = None
+) -> torch.Tensor:
+    """FE2E's log-space alignment (``--norm_type ln`` of its evaluation): the prediction ``[H,W]`` as metric depth.
+
+    ``s·prediction + t ≈ ln(depth)`` is fitted by least squares only where ``valid``, the ground truth is positive
+    AND the prediction is positive; every pixel is then mapped by the fit, clipped at ``ln d ≤ 5`` (148 m) before
+    ``exp``, clipped to ``[min_depth, max_depth]`` and finally to ``≥ 1e-6``. Unlike ``align_depth(space="log")``
+    there is no ``+1e-6`` inside the log, and the fit ignores pixels the model put at or below 0.
+    """
+    prediction, depth_m, valid = _float64(prediction), _float64(depth_m), _mask(valid)
+    positive = depth_m > 0
+    log_depth = torch.where(positive, torch.log(torch.where(positive, depth_m, torch.ones_like(depth_m))), 0.0)
+    fitted = valid & positive & (prediction > 0)
+    aligned_log = align_scale_shift(prediction[None], log_depth[None], fitted[None])[0]
+    aligned = torch.exp(aligned_log.clamp(max=FE2E_MAX_LOG_DEPTH)).clamp(min_depth, max_depth)
+    return aligned.clamp_min(FE2E_MIN_DEPTH_M)
+
+
 def depth_metrics(
     prediction, depth_m, valid, space: str = "sqrt", min_depth: float = 1e-3, max_depth: float | None = None
 ) -> dict[str, float]:
     """Depth metrics of one image: ``prediction`` ``[H,W]`` in [0,1] (affine, near = 0) against ``depth_m`` ``[H,W]``
-    in metres over the bool mask ``valid`` ``[H,W]``, after :func:`align_depth` in ``space``.
+    in metres over the bool mask ``valid`` ``[H,W]``, after :func:`align_depth` in ``space``; see
+    :func:`metric_depth_metrics` for the keys."""
+    depth_m, valid = _float64(depth_m), _mask(valid)
+    valid = valid & torch.isfinite(depth_m) & (depth_m > 0)
+    if not bool(valid.any()):
+        return dict.fromkeys(DEPTH_METRICS, math.nan)
+    safe_gt = torch.where(valid, depth_m, torch.ones_like(depth_m))  # the fit must not see NaN/inf outside the mask
+    return metric_depth_metrics(align_depth(prediction, safe_gt, valid, space, min_depth, max_depth), depth_m, valid)
+
+
+def metric_depth_metrics(depth_pred_m, depth_m, valid) -> dict[str, float]:
+    """Depth metrics of an already aligned prediction ``[H,W]`` in metres against ``depth_m`` over ``valid``.
 
     Keys (``DEPTH_METRICS``): ``abs_rel`` = mean |p−g|/g, ``sq_rel`` = mean (p−g)²/g, ``rmse`` (m), ``rmse_log``,
     ``log10`` = mean |log10 p − log10 g|, ``silog`` = 100·sqrt(var(log p − log g)) (the BTS/ZoeDepth definition),
@@ -84,9 +118,7 @@ def depth_metrics(
     valid = valid & torch.isfinite(depth_m) & (depth_m > 0)
     if not bool(valid.any()):
         return dict.fromkeys(DEPTH_METRICS, math.nan)
-    safe_gt = torch.where(valid, depth_m, torch.ones_like(depth_m))  # the fit must not see NaN/inf outside the mask
-    pred = align_depth(prediction, safe_gt, valid, space, min_depth, max_depth)[valid]
-    gt = depth_m[valid]
+    pred, gt = _float64(depth_pred_m)[valid], depth_m[valid]
     error = pred - gt
     log_error = torch.log(pred) - torch.log(gt)
     ratio = torch.maximum(pred / gt, gt / pred)
@@ -130,6 +162,53 @@ def angular_error_metrics(errors_deg) -> dict[str, float]:
     return summary
 
 
+class PooledAngularErrors:
+    """Angular-error statistics of every pixel of a whole dataset (FE2E's pooled protocol) in constant memory.
+
+    ``add`` each image's errors; ``summary`` returns the keys of :func:`angular_error_metrics`. Count, mean, RMSE
+    and the shares below ``NORMAL_THRESHOLDS_DEG`` are exact (float64 sums, exact counts); the median comes from a
+    histogram of ``POOLED_BIN_DEG`` bins over [0°, 180°]: each middle value is taken as its bin's centre, so the
+    median is within ``POOLED_BIN_DEG / 2`` (0.0005°) of numpy's exact one.
+    """
+
+    def __init__(self, bin_deg: float = POOLED_BIN_DEG):
+        self.bin_deg = bin_deg
+        self.histogram = np.zeros(int(math.ceil(180.0 / bin_deg)) + 1, dtype=np.int64)
+        self.count = 0
+        self.sum_deg = 0.0
+        self.sum_squares = 0.0
+        self.below = np.zeros(len(NORMAL_THRESHOLDS_DEG), dtype=np.int64)
+
+    def add(self, errors_deg) -> None:
+        errors = _float64(errors_deg).reshape(-1).numpy()
+        self.count += errors.size
+        self.sum_deg += float(errors.sum())
+        self.sum_squares += float(np.square(errors).sum())
+        self.below += [int(np.count_nonzero(errors < t)) for t in NORMAL_THRESHOLDS_DEG]
+        bins = np.clip(np.floor(errors / self.bin_deg), 0, self.histogram.size - 1).astype(np.int64)
+        self.histogram += np.bincount(bins, minlength=self.histogram.size)
+
+    def _value_of_rank(self, cumulative: np.ndarray, rank: int) -> float:
+        """The centre of the bin holding the ``rank``-th smallest error (0-based), clipped to [0°, 180°]."""
+        index = int(np.searchsorted(cumulative, rank, side="right"))
+        return min((index + 0.5) * self.bin_deg, 180.0)
+
+    def summary(self) -> dict[str, float]:
+        if self.count == 0:
+            return dict.fromkeys(NORMAL_METRICS, math.nan)
+        cumulative = np.cumsum(self.histogram)
+        middle = self.count // 2
+        ranks = (middle,) if self.count % 2 else (middle - 1, middle)  # numpy: the mean of the two middle values
+        summary = {
+            "mean": self.sum_deg / self.count,
+            "median": sum(self._value_of_rank(cumulative, rank) for rank in ranks) / len(ranks),
+            "rmse": math.sqrt(self.sum_squares / self.count),
+        }
+        for name, below in zip(NORMAL_METRICS[3:], self.below):
+            summary[name] = int(below) / self.count * 100
+        return summary
+
+
 def normal_metrics(prediction, normals, valid) -> dict[str, float]:
     """Angular-error metrics of one image (the E2P protocol: per image, then the caller averages over images);
     see :func:`normal_angular_errors` and :func:`angular_error_metrics`."""
@@ -139,12 +218,12 @@ def normal_metrics(prediction, normals, valid) -> dict[str, float]:
 # -------------------------------------------------------------------------------------------------------- matting
 
 
-def matting_metrics(alpha_pred, alpha_gt) -> dict[str, float]:
+def matting_metrics(alpha_pred, alpha_gt, conn_component: str = "most_frequent_label") -> dict[str, float]:
     """Matting metrics of one image over the whole image: ``alpha_pred`` and ``alpha_gt`` ``[H,W]`` in [0,1].
 
     ``mse`` = Σ(p−g)²/N and ``mad`` = Σ|p−g|/N (per pixel); ``sad`` = Σ|p−g|/1000; ``grad`` = Σ(|∇p| − |∇g|)²/1000
     with the Gaussian-derivative gradient (σ = 1.4, edge-replicated borders, ``e2p_core.filters``); ``conn`` =
-    :func:`connectivity_error`.
+    :func:`connectivity_error` with ``conn_component`` (default: the official Edit2Perceive evaluation's).
     """
     pred, gt = _float64(alpha_pred), _float64(alpha_gt)
     if pred.shape != gt.shape or pred.dim() != 2:
@@ -156,32 +235,53 @@ def matting_metrics(alpha_pred, alpha_gt) -> dict[str, float]:
         "mad": difference.abs().mean().item(),
         "sad": difference.abs().sum().item() / MATTING_SUM_SCALE,
         "grad": (gradients[0] - gradients[1]).pow(2).sum().item() / MATTING_SUM_SCALE,
-        "conn": connectivity_error(pred.numpy(), gt.numpy()),
+        "conn": connectivity_error(pred.numpy(), gt.numpy(), component=conn_component),
     }
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected foreground component of a bool mask (MATLAB ``bwconncomp(mask, 4)``)."""
-    labels, count = scipy.ndimage.label(mask)  # default structure: 4-connectivity in 2-D
+# Which pixels count as "connected" at each threshold of the connectivity error:
+#  * "most_frequent_label" (default): the official Edit2Perceive evaluation (the common Python port of the DIM code):
+#    the most frequent label of the 4-connected labelling of ``pred>=t & gt>=t``, the background label 0 included.
+#    While the foreground covers less than half the image, the "component" is the background itself, so every
+#    foreground pixel gets level t-step at the first threshold; background pixels are never assigned and end at 1.
+#  * "largest_foreground": the dataset owners' code (DIM's MATLAB ``bwconncomp``, P3M's Python): the largest
+#    4-connected foreground component; a threshold without any foreground assigns nothing.
+CONN_COMPONENTS = ("most_frequent_label", "largest_foreground")
+
+
+def _connected_at_threshold(both: np.ndarray, component: str) -> np.ndarray | None:
+    """The bool mask of the pixels that stay connected at one threshold, or None when nothing is assigned."""
+    labels, count = scipy.ndimage.label(both)  # default structure: 4-connectivity in 2-D; background label 0
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    if component == "most_frequent_label":
+        return labels == int(np.argmax(sizes))  # ties: the lowest label, as np.argmax in the reference
     if count == 0:
-        return np.zeros_like(mask, dtype=bool)
-    sizes = np.bincount(labels.ravel())[1:]  # label 0 is the background, never a candidate
-    return labels == int(np.argmax(sizes)) + 1
+        return None
+    return labels == int(np.argmax(sizes[1:])) + 1
 
 
-def connectivity_error(alpha_pred: np.ndarray, alpha_gt: np.ndarray, step: float = CONN_STEP) -> float:
+def connectivity_error(alpha_pred: np.ndarray, alpha_gt: np.ndarray, step: float = CONN_STEP,
+                       component: str = "most_frequent_label") -> float:
     """The Deep Image Matting connectivity error over the whole image, divided by 1000.
 
-    For thresholds ``step, 2·step, .., 1``: a pixel's level ``l`` is the last threshold below the first one at which it
-    falls out of the largest connected component of ``(pred ≥ t) & (gt ≥ t)`` (1 if it never does). Each alpha becomes
-    ``φ = 1 − d·[d ≥ 0.15]`` with ``d = alpha − l``, and the error is Σ|φ_pred − φ_gt|.
+    For thresholds ``step, 2·step, .., 1``: a pixel's level ``l`` is the threshold before the first one at which it
+    is outside the connected set of ``(pred ≥ t) & (gt ≥ t)`` (see ``CONN_COMPONENTS`` for the two definitions of
+    that set); pixels never assigned get ``l = 1``. Each alpha becomes ``φ = 1 − d·[d ≥ 0.15]`` with
+    ``d = alpha − l``, and the error is Σ|φ_pred − φ_gt|.
     """
-    pred, gt = np.asarray(alpha_pred, dtype=np.float64), np.asarray(alpha_gt, dtype=np.float64)
+    if component not in CONN_COMPONENTS:
+        raise ValueError(f"unknown connectivity component {component!r}; expected one of {CONN_COMPONENTS}")
+    # The official script holds alphas in float32, and that decides ties such as 153/255 >= 0.6000000000000001
+    # (true in float32, false in float64); the owners' code (MATLAB) works in double.
+    source_dtype = np.float32 if component == "most_frequent_label" else np.float64
+    pred = np.asarray(alpha_pred, dtype=source_dtype).astype(np.float64)
+    gt = np.asarray(alpha_gt, dtype=source_dtype).astype(np.float64)
     thresholds = np.arange(0, 1 + step, step)  # as the reference: 0, 0.1, .., 1.0 with float rounding
     level = np.full(pred.shape, -1.0)
     for previous, threshold in zip(thresholds[:-1], thresholds[1:]):
-        connected = _largest_component((pred >= threshold) & (gt >= threshold))
-        level[(level == -1) & ~connected] = previous
+        connected = _connected_at_threshold((pred >= threshold) & (gt >= threshold), component)
+        if connected is not None:
+            level[(level == -1) & ~connected] = previous
     level[level == -1] = 1.0
     phi_pred = 1 - (pred - level) * ((pred - level) >= CONN_MIN_DISTANCE)
     phi_gt = 1 - (gt - level) * ((gt - level) >= CONN_MIN_DISTANCE)

@@ -61,7 +61,8 @@ class PointPrompt:
 class Perception:
     """Everything one run produced; all batch-first."""
 
-    output: torch.Tensor  # float32 [B,C,H,W] at the input size: depth_affine01 / normals_e2p / alpha
+    output: torch.Tensor | None  # float32 [B,C,H,W] at the input size: depth_affine01 / normals_e2p / alpha
+    # (None when perceive was called with restore_output=False)
     postprocessed: torch.Tensor  # float32 [B,C,Hp,Wp]: the same at the processing size (the reference's output)
     decoded: torch.Tensor  # model dtype [B,3,Hp,Wp]: raw VAE output at the processing size
     latent: torch.Tensor  # float32 [B,16,h,w]: final latent, before the cast for decoding
@@ -87,12 +88,14 @@ def perceive(
     resize: Literal["aligned", "reference"] = "aligned",
     resolution: int | Literal["native"] = 768,
     on_step: Callable[[int, int], None] | None = None,
+    restore_output: bool = True,
 ) -> Perception:
     """Run Edit2Perceive on a batch of same-size images ([B,H,W,3] uint8 or float in [0,1], or one [H,W,3]).
 
     ``point_map`` is a soft map in [0,1] at the input size ([H,W] or [B,H,W]); ``points`` builds one instead.
     ``noise`` ([1 or B,16,h,w] float32) replaces the seeded noise. ``on_step(i, steps)`` runs before every DiT
-    call (progress bars, cancellation).
+    call (progress bars, cancellation). ``restore_output=False`` skips the resize back to the input size (``output``
+    is None) for callers that take ``postprocessed`` to their own grid, as the evaluation does.
     """
     spec = get_task(task)
     frames = _as_frames(images)
@@ -134,6 +137,8 @@ def perceive(
     # 5. Decode, postprocess in the decoder dtype, and return to the input size.
     decoded = codec.decode(latent.to(dtype))  # [B,3,Hp,Wp]
     postprocessed = postprocess(spec, decoded)  # [B,C,Hp,Wp]
+    if not restore_output:
+        return Perception(None, postprocessed, decoded, latent, first_velocity, soft_point_map, geometry)
     output = restore(postprocessed, geometry)  # [B,C,H,W]
     if spec.name == "normal" and geometry.resized_hw != geometry.input_hw:
         output = output / (output.norm(dim=1, keepdim=True) + NORMAL_EPS)  # interpolation shortens the vectors

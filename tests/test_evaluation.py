@@ -12,9 +12,10 @@ from PIL import Image
 from conftest import FIXTURES, TINY_DIT_CONFIG
 from e2p_core.cli import main
 from e2p_core.errors import InputError
+from e2p_core.evaluation.protocols import FE2E, get_protocol
 from e2p_core.evaluation.runner import EvaluationSettings, Model, evaluate_suite, predict_on_ground_truth
 from e2p_core.evaluation.suites import SUITES, DataRoot, get_suite
-from e2p_core.metrics import angular_error_metrics, depth_metrics, normal_angular_errors
+from e2p_core.metrics import POOLED_BIN_DEG, angular_error_metrics, depth_metrics, normal_angular_errors
 from e2p_core.pipeline import perceive
 
 FAST = EvaluationSettings(resolution=64)  # the official protocol, at a size the tiny model runs in milliseconds
@@ -61,11 +62,13 @@ def write_kitti(root) -> None:
 
 
 def write_eth3d(root) -> None:
+    """The layout of Marigold's eth3d.tar: each scene's DSLR images and its unpacked ``<scene>_dslr_depth`` archive."""
     rgb, depth_m = _scene(40, 60, 0)
-    depth_m = depth_m.astype(np.float32)
+    depth_m = depth_m.astype("<f4")  # raw little-endian float32, the image's size
     depth_m[:, 0] = np.inf  # no measurement
     _save(root, "rgb/courtyard/images/dslr_images/DSC_0001.JPG", rgb)
-    _save(root, "depth/courtyard/ground_truth_depth/dslr_images/DSC_0001.JPG", depth_m.tobytes())
+    _save(root, "depth/courtyard_dslr_depth/courtyard/ground_truth_depth/dslr_images/DSC_0001.JPG", depth_m.tobytes())
+    _save(root, "rgb/courtyard/images/dslr_images/DSC_0002.JPG", rgb)  # no depth file: not a sample
 
 
 def write_scannet(root) -> None:
@@ -92,6 +95,28 @@ def write_normals(root, n: int = 2) -> None:
         normals[:3] = 0  # no ground truth
         _save(root, f"scene_{i}/frame_{i:04d}_img.png", rgb)
         _save(root, f"scene_{i}/frame_{i:04d}_normal.npy", normals)
+
+
+def write_diode_normals(root) -> None:
+    """Marigold's DIODE normal set: ``X.png`` with ``X_normal.npy`` (no ``_img`` suffix)."""
+    rgb, _ = _scene(48, 64, 0)
+    normals = np.zeros((48, 64, 3), dtype=np.float32)
+    normals[..., 1], normals[..., 2] = 0.6, 0.8
+    stem = "val/outdoor/scene_00024/scan_00201/00024_00201_outdoor_070_030"
+    _save(root, f"{stem}.png", rgb)
+    _save(root, f"{stem}_normal.npy", normals)
+    _save(root, f"{stem}_depth.npy", np.ones((48, 64, 1), dtype=np.float32))  # the depth files next to them: ignored
+
+
+def write_dsine_normals(root) -> None:
+    """DSINE's evaluation layout (what FE2E reads): ``X_img.png`` with an 8-bit ``X_normal.png`` and intrinsics."""
+    rgb, _ = _scene(40, 56, 0)
+    encoded = np.zeros((40, 56, 3), dtype=np.uint8)
+    encoded[..., 0], encoded[..., 1], encoded[..., 2] = 153, 128, 230  # (n+1)/2·255 of about (0.2, 0.0, 0.8)
+    encoded[:2] = 0  # black: no ground truth
+    _save(root, "test/000000_img.png", rgb)
+    _save(root, "test/000000_normal.png", encoded)
+    _save(root, "test/000000_intrins.npy", np.eye(3, dtype=np.float32))
 
 
 def write_matting(root, image_folder: str = "original_image") -> None:
@@ -161,7 +186,7 @@ def test_eth3d_scannet_diode_readers(tmp_path):
 
 def test_normal_reader_negates_x_and_masks_missing_normals(tmp_path):
     write_normals(tmp_path)
-    suite = get_suite("normal", "sintel")
+    suite = get_suite("normal", "ibims")
     with DataRoot(tmp_path) as root:
         rows = suite.rows(root)
         sample = suite.load(root, rows[0])
@@ -181,6 +206,32 @@ def test_matting_reader_pairs_images_and_masks_by_stem(tmp_path, image_folder):
     assert row == [f"validation/P3M-500-NP/{image_folder}/p_0001.jpg", "validation/P3M-500-NP/mask/p_0001.png"]
     assert sample.target[20, 20] == 1.0 and sample.target[20, 15] == pytest.approx(128 / 255)
     assert sample.target[0, 0] == 0.0 and sample.valid.all()
+
+
+def test_fe2e_protocol_reads_kitti_on_the_crop_and_diode_by_its_mask(tmp_path):
+    write_kitti(tmp_path / "kitti")
+    write_diode(tmp_path / "diode")
+    write_eth3d(tmp_path / "eth3d")
+    with DataRoot(tmp_path / "kitti") as root:
+        suite = get_suite("depth", "kitti")
+        sample = suite.load(root, suite.rows(root)[0], FE2E)
+    full_rgb, _ = _scene(375, 1242, 0)
+    np.testing.assert_array_equal(sample.image, full_rgb[23:, 13:13 + 1216])
+    assert sample.region is None and sample.target.shape == (352, 1216)
+    eigen = np.zeros((352, 1216), dtype=bool)  # Marigold: the Eigen fractions of the 352x1216 crop
+    eigen[int(0.3324324 * 352):int(0.91351351 * 352), int(0.0359477 * 1216):int(0.96405229 * 1216)] = True
+    np.testing.assert_array_equal(sample.valid, eigen & (sample.target > 1e-5) & (sample.target < 80))
+    with DataRoot(tmp_path / "diode") as root:
+        suite = get_suite("depth", "diode")
+        row = suite.rows(root)[0]
+        depth_m = _scene(48, 64, 0)[1]
+        np.save(tmp_path / "diode" / row[1], np.where(depth_m > 3, 90.0, depth_m)[..., None].astype(np.float32))
+        fe2e, e2p = suite.load(root, row, FE2E), suite.load(root, row)
+    assert fe2e.valid.sum() == 44 * 64  # the mask alone (its first 4 rows are 0), 90 m included
+    assert e2p.valid.sum() == (fe2e.valid & (fe2e.target < 80)).sum() < fe2e.valid.sum()  # E2P: < 80 m
+    with DataRoot(tmp_path / "eth3d") as root:
+        suite = get_suite("depth", "eth3d")
+        assert suite.load(root, suite.rows(root)[0], FE2E).valid.sum() == 40 * 59  # inf -> 0 -> invalid
 
 
 def test_tar_archive_reads_like_the_folder(tmp_path):
@@ -213,9 +264,56 @@ def test_list_files_skip_rows_without_ground_truth_and_reject_short_rows(tmp_pat
         get_suite("matting", "nyuv2")
 
 
+def test_diode_normals_are_found_without_the_img_suffix(tmp_path):
+    write_diode_normals(tmp_path)
+    suite = get_suite("normal", "diode")
+    with DataRoot(tmp_path) as root:
+        (row,) = suite.rows(root)
+        sample = suite.load(root, row)
+    stem = "val/outdoor/scene_00024/scan_00201/00024_00201_outdoor_070_030"
+    assert row == [f"{stem}.png", f"{stem}_normal.npy"]
+    np.testing.assert_allclose(sample.target[:, 5, 5], [0.0, 0.6, 0.8], atol=1e-6) and sample.valid.all()
+
+
+def test_dsine_normal_pngs_are_read_as_stored(tmp_path):
+    write_dsine_normals(tmp_path)
+    suite = get_suite("normal", "nyuv2")
+    with DataRoot(tmp_path) as root:
+        (row,) = suite.rows(root)
+        sample = suite.load(root, row)
+    assert row == ["test/000000_img.png", "test/000000_normal.png"]
+    np.testing.assert_allclose(sample.target[:, 10, 10], [153 / 255 * 2 - 1, 128 / 255 * 2 - 1, 230 / 255 * 2 - 1],
+                               atol=1e-6)  # no x flip: DSINE's PNGs are in the frame FE2E compares in
+    assert not sample.valid[:2].any() and sample.valid[2:].all()
+
+
+def test_am2k_evaluates_validation_only_and_says_so(tmp_path):
+    for split, n in (("train", 3), ("validation", 2)):
+        for i in range(n):
+            rgb, _ = _scene(24, 32, i)
+            _save(tmp_path, f"AM-2k/{split}/original/m_{split}{i}.jpg", rgb)
+            _save(tmp_path, f"AM-2k/{split}/mask/m_{split}{i}.png", np.full((24, 32), 255, np.uint8))
+            if split == "validation":
+                _save(tmp_path, f"AM-2k/{split}/trimap/m_{split}{i}.png", np.full((24, 32), 128, np.uint8))
+    suite = get_suite("matting", "am2k")
+    with DataRoot(tmp_path) as root:
+        rows, note = suite.find(root)
+    assert [row[0] for row in rows] == ["AM-2k/validation/original/m_validation0.jpg",
+                                        "AM-2k/validation/original/m_validation1.jpg"]
+    assert "validation/ only: 2 images; 3 others (train/) were left out" == note
+    with DataRoot(tmp_path / "AM-2k" / "validation") as root:  # the validation folder itself: nothing left out
+        assert len(suite.find(root)[0]) == 2 and suite.find(root)[1] is None
+    import shutil
+
+    shutil.rmtree(tmp_path / "AM-2k" / "validation")
+    with DataRoot(tmp_path) as root, pytest.raises(InputError, match="only train"):
+        suite.find(root)
+
+
 def test_every_task_has_its_standard_suites():
     assert {name for task, name in SUITES if task == "depth"} == {"nyuv2", "kitti", "eth3d", "scannet", "diode"}
-    assert {name for task, name in SUITES if task == "normal"} == {"nyuv2", "scannet", "ibims", "diode", "sintel"}
+    # Sintel is Edit2Perceive normal TRAINING data (and DSINE stores it as .exr): not a zero-shot benchmark.
+    assert {name for task, name in SUITES if task == "normal"} == {"nyuv2", "scannet", "ibims", "diode"}
     assert {name for task, name in SUITES if task == "matting"} == {"p3m500np", "am2k", "aim500"}
 
 
@@ -282,7 +380,8 @@ def test_depth_suite_averages_per_image_metrics_and_reports_skipped_samples(tmp_
                                                                  "sqrt", 1e-3, 10.0))
     for key, value in result.metrics.items():
         assert value == pytest.approx(np.mean([metrics[key] for _, metrics in result.per_image])), key
-    linear = evaluate_suite(model, suite, tmp_path, settings=EvaluationSettings(resolution=64, depth_space="uniform"))
+    linear = evaluate_suite(model, suite, tmp_path, settings=EvaluationSettings(
+        resolution=64, protocol=get_protocol("e2p", depth_space="uniform")))
     assert linear.metrics["abs_rel"] != pytest.approx(result.metrics["abs_rel"])
     first = evaluate_suite(model, suite, tmp_path, settings=EvaluationSettings(resolution=64, limit=1))
     assert first.metrics == pytest.approx(result.per_image[0][1])
@@ -292,17 +391,50 @@ def test_normal_suite_pools_pixels_on_request(tmp_path, tiny_backend, prompt_fil
     write_normals(tmp_path)
     suite, model = get_suite("normal", "nyuv2"), tiny_model("normal", tiny_backend, prompt_files)
     per_image = evaluate_suite(model, suite, tmp_path, settings=FAST)
-    pooled = evaluate_suite(model, suite, tmp_path, settings=EvaluationSettings(resolution=64,
-                                                                                normal_aggregation="pooled"))
+    pooled = evaluate_suite(model, suite, tmp_path, settings=EvaluationSettings(
+        resolution=64, protocol=get_protocol("e2p", normal_aggregation="pooled")))
     errors = []
     with DataRoot(tmp_path) as root:
         for row in suite.rows(root):
             sample = suite.load(root, row)
             errors.append(normal_angular_errors(predict_on_ground_truth(model, sample, FAST), sample.target,
                                                 sample.valid))
-    assert pooled.metrics == pytest.approx(angular_error_metrics(torch.cat(errors)))
+    exact = angular_error_metrics(torch.cat(errors))
+    assert abs(pooled.metrics.pop("median") - exact.pop("median")) <= POOLED_BIN_DEG / 2
+    assert pooled.metrics == pytest.approx(exact)
     assert per_image.metrics["mean"] == pytest.approx(np.mean([e.mean().item() for e in errors]))
     assert per_image.metrics["mean"] != pytest.approx(pooled.metrics["mean"])  # images of different sizes
+
+
+def test_fe2e_normals_are_resized_half_pixel_renormalised_and_pooled(tmp_path, tiny_backend, prompt_files,
+                                                                     monkeypatch):
+    write_dsine_normals(tmp_path)
+    write_normals(tmp_path / "more")
+    suite, model = get_suite("normal", "nyuv2"), tiny_model("normal", tiny_backend, prompt_files)
+    settings = EvaluationSettings(resolution=64, protocol=FE2E)
+    import e2p_core.pipeline
+
+    def no_restore(*args, **kwargs):
+        raise AssertionError("the evaluation resized a prediction to the input size and threw it away")
+
+    monkeypatch.setattr(e2p_core.pipeline, "restore", no_restore)
+    result = evaluate_suite(model, suite, tmp_path, settings=settings)
+    errors = []
+    with DataRoot(tmp_path) as root:
+        rows = suite.rows(root)
+        assert len(rows) == 3 and len(result.per_image) == 3
+        for row in rows:
+            sample = suite.load(root, row, FE2E)
+            output = perceive(model.denoiser, model.codec, sample.image, "normal", model.prompt, resize="reference",
+                              resolution=64, restore_output=False)
+            assert output.output is None
+            resized = torch.nn.functional.interpolate(output.postprocessed, size=sample.valid.shape, mode="bilinear",
+                                                      align_corners=False)[0]
+            resized = resized / resized.norm(dim=0, keepdim=True)
+            errors.append(normal_angular_errors(resized, sample.target, sample.valid))
+    exact = angular_error_metrics(torch.cat(errors))
+    assert abs(result.metrics.pop("median") - exact.pop("median")) <= POOLED_BIN_DEG / 2
+    assert result.metrics == pytest.approx(exact, rel=1e-6)
 
 
 def test_matting_suite_runs_with_simulated_clicks(tmp_path, tiny_backend, prompt_files):
@@ -369,3 +501,32 @@ def test_cli_rejects_a_suite_of_another_task(tmp_path, prompt_files, dit_config_
     args = cli_args(tmp_path, prompt_files, dit_config_file, task="matting")
     assert main([*args, "--suite", "kitti", "--data-root", str(tmp_path)]) == 2
     assert "no matting suite named 'kitti'" in capsys.readouterr().err
+
+
+def test_cli_matting_report_names_the_conn_and_the_am2k_scope(tmp_path, prompt_files, dit_config_file):
+    write_matting(tmp_path / "am2k" / "validation", "original")
+    write_matting(tmp_path / "am2k" / "train", "original")
+    args = cli_args(tmp_path, prompt_files, dit_config_file, task="matting")
+    assert main([*args, "--suite", "am2k", "--data-root", str(tmp_path / "am2k")]) == 0
+    markdown = (tmp_path / "report" / "results.md").read_text()
+    assert "Conn with the most frequent label component" in markdown
+    assert "* AM-2k: validation/ only: 1 images; 1 others (train/) were left out" in markdown
+    assert main([*args, "--suite", "am2k", "--data-root", str(tmp_path / "am2k"),
+                 "--conn-component", "largest_foreground"]) == 0
+    with open(tmp_path / "report" / "results.csv", newline="") as handle:
+        conn = next(row for row in csv.DictReader(handle) if row["metric"] == "conn")
+    assert "changed: conn component largest_foreground" in conn["protocol"] and conn["images"] == "1"
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--task", "matting", "--protocol", "fe2e"], "FE2E protocol has no matting"),
+    (["--protocol", "fe2e", "--depth-space", "uniform"], "FE2E protocol is fixed"),
+])
+def test_cli_rejects_protocol_misuse_before_loading(tmp_path, prompt_files, dit_config_file, capsys, extra, fragment):
+    args = [*cli_args(tmp_path, prompt_files, dit_config_file), "--suite", "nyuv2", "--data-root", str(tmp_path)]
+    if "matting" in extra:
+        args = [*cli_args(tmp_path, prompt_files, dit_config_file, task="matting"), "--suite", "am2k",
+                "--data-root", str(tmp_path)]
+        extra = extra[2:]
+    assert main([*args, *extra]) == 2
+    assert fragment in capsys.readouterr().err

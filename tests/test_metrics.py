@@ -176,29 +176,90 @@ def test_matting_metrics_match_the_dim_formulas():
     gt_gx, gt_gy = _dim_gradient(gt)
     expected_grad = np.sum((np.hypot(pred_gx, pred_gy) - np.hypot(gt_gx, gt_gy)) ** 2) / 1000
     assert metrics["grad"] == pytest.approx(expected_grad, rel=1e-9)
-    assert metrics["conn"] == pytest.approx(_flood_fill_connectivity(pred, gt))
+    assert metrics["conn"] == pytest.approx(_official_connectivity(pred, gt), rel=1e-5)
+    owners = matting_metrics(torch.tensor(pred, dtype=torch.float32), gt, conn_component="largest_foreground")
+    assert owners["conn"] == pytest.approx(_flood_fill_connectivity(pred, gt))
     assert matting_metrics(gt, gt) == pytest.approx(dict.fromkeys(metrics, 0.0))
     with pytest.raises(ValueError, match="same"):
         matting_metrics(gt, gt[:, :-1])
 
 
-def test_connectivity_hand_cases():
+def test_connectivity_hand_cases_of_the_largest_foreground_component():
+    def owners(pred, gt):
+        return connectivity_error(np.array(pred), np.array(gt), component="largest_foreground")
+
     # The last pixel is foreground in GT only: it leaves the component at the first threshold, level 0, so
     # φ_gt = 1 − 1 = 0 and φ_pred = 1 − 0·[0 ≥ 0.15] = 1.
-    assert connectivity_error(np.array([[1.0, 1.0, 0.0, 0.0]]), np.array([[1.0, 1.0, 0.0, 1.0]])) == \
-        pytest.approx(1 / 1000)
+    assert owners([[1.0, 1.0, 0.0, 0.0]], [[1.0, 1.0, 0.0, 1.0]]) == pytest.approx(1 / 1000)
     # A half-transparent island: connected to nothing, level 0, φ_pred = 0.5 and φ_gt = 0.
-    assert connectivity_error(np.array([[1.0, 1.0, 0.0, 0.5]]), np.array([[1.0, 1.0, 0.0, 1.0]])) == \
-        pytest.approx(0.5 / 1000)
+    assert owners([[1.0, 1.0, 0.0, 0.5]], [[1.0, 1.0, 0.0, 1.0]]) == pytest.approx(0.5 / 1000)
     # Diagonal neighbours are not connected (4-connectivity): the corner pixel is an island at level 0, so
     # φ_pred = 1 − 1 = 0 and φ_gt = 1 − 0.95 = 0.05. With 8-connectivity it would stay connected up to 0.9 and give 0.
-    assert connectivity_error(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]),
-                              np.array([[0.95, 0.0, 0.0], [0.0, 1.0, 1.0]])) == pytest.approx(0.05 / 1000)
-    assert connectivity_error(np.eye(3), np.eye(3)) == 0.0
+    assert owners([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[0.95, 0.0, 0.0], [0.0, 1.0, 1.0]]) == pytest.approx(0.05 / 1000)
+    # A threshold without any foreground assigns nothing (P3M's `continue`): pixel 0 (pred 0.5) stays in the component
+    # up to 0.5, is never assigned and ends at level 1, so φ = 1 for both; the rest left at 0.1 with alpha 0.
+    assert owners([[0.5, 0.0, 0.0, 0.0]], [[1.0, 0.0, 0.0, 0.0]]) == 0.0
+    assert connectivity_error(np.eye(3), np.eye(3), component="largest_foreground") == 0.0
+
+
+def test_connectivity_hand_cases_of_the_official_most_frequent_label():
+    # One foreground pixel among four: the most frequent label at t = 0.1 is the background (3 pixels), so the
+    # foreground pixel is "outside" and gets level 0: φ_pred = 1 − 0.5 = 0.5, φ_gt = 1 − 1 = 0. The background pixels
+    # are never assigned (level 1, φ = 1 for both).
+    assert connectivity_error(np.array([[0.5, 0.0, 0.0, 0.0]]), np.array([[1.0, 0.0, 0.0, 0.0]])) == \
+        pytest.approx(0.5 / 1000)
+    # A tie (2 foreground, 2 background) goes to the lower label, the background: pixels 0 and 1 get level 0 and
+    # φ = 0 in both maps, pixel 3 (GT only) keeps level 1 and φ = 1 in both maps. Error 0 (the owners' variant: 1).
+    assert connectivity_error(np.array([[1.0, 1.0, 0.0, 0.0]]), np.array([[1.0, 1.0, 0.0, 1.0]])) == 0.0
+    # A foreground larger than the background behaves like the largest component.
+    pred, gt = np.array([[1.0, 1.0, 1.0, 0.0, 0.5]]), np.array([[1.0, 1.0, 1.0, 0.0, 1.0]])
+    assert connectivity_error(pred, gt) == connectivity_error(pred, gt, component="largest_foreground") == \
+        pytest.approx(0.5 / 1000)
+    with pytest.raises(ValueError, match="largest_foreground"):
+        connectivity_error(pred, gt, component="largest")
+
+
+def _official_connectivity(pred: np.ndarray, gt: np.ndarray) -> float:
+    """The official Edit2Perceive Conn, written out as its script does it: float32 level map, labels of
+    ``pred≥t & gt≥t`` with 4-connectivity, the most frequent label (np.bincount, background 0 included)."""
+    pred, gt = pred.astype(np.float32), gt.astype(np.float32)
+    thresholds = list(np.arange(0, 1.1, 0.1))
+    level = np.full(pred.shape, -1, dtype=np.float32)
+    for i in range(1, len(thresholds)):
+        labels, _ = scipy.ndimage.label((pred >= thresholds[i]) & (gt >= thresholds[i]),
+                                        structure=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])
+        omega = labels == np.argmax(np.bincount(labels.flat))
+        level[(level == -1) & ~omega] = thresholds[i - 1]
+    level[level == -1] = 1
+    pred_d, gt_d = pred - level, gt - level
+    return float(np.sum(np.abs((1 - pred_d * (pred_d >= 0.15)) - (1 - gt_d * (gt_d >= 0.15)))) / 1000)
+
+
+def _soft_blob(shape, radius: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pred, gt): a soft disc of ``radius`` (a fraction of the short side) with a noisy edge, and a noisy copy."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    distance = np.hypot(rows - shape[0] / 2, cols - shape[1] / 2) / min(shape)
+    gt = np.clip((radius - distance) * 12 + 0.5 + rng.normal(0, 0.05, shape), 0, 1)
+    gt[rng.random(shape) < 0.01] = 0.7  # specks: small foreground islands
+    pred = np.clip(gt + rng.normal(0, 0.15, shape), 0, 1)
+    return pred.astype(np.float32).astype(np.float64), np.round(gt * 255) / 255
+
+
+@pytest.mark.parametrize(("radius", "small"), [(0.15, True), (0.25, True), (0.7, False)])
+def test_connectivity_matches_the_official_semantics_for_small_and_large_foregrounds(radius, small):
+    pred, gt = _soft_blob((60, 80), radius, seed=int(radius * 100))
+    assert ((gt >= 0.1).mean() < 0.5) == small
+    official = connectivity_error(pred, gt)
+    assert official == pytest.approx(_official_connectivity(pred, gt), rel=1e-5)
+    owners = connectivity_error(pred, gt, component="largest_foreground")
+    assert owners == pytest.approx(_flood_fill_connectivity(pred, gt))
+    if small:  # the two definitions differ exactly when the background is the most frequent label
+        assert abs(official - owners) > 0.01 * owners
 
 
 def _flood_fill_connectivity(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Connectivity error with a breadth-first flood fill instead of scipy.ndimage.label."""
+    """The owners' connectivity error with a breadth-first flood fill instead of scipy.ndimage.label."""
     height, width = pred.shape
     level = np.full(pred.shape, -1.0)
     thresholds = np.arange(0, 1.1, 0.1)
@@ -218,6 +279,8 @@ def _flood_fill_connectivity(pred: np.ndarray, gt: np.ndarray) -> float:
                         seen[nr, nc] = True
                         queue.append((nr, nc))
             best = component if len(component) > len(best) else best
+        if not best:
+            continue  # P3M: a threshold without foreground assigns nothing
         omega = np.zeros_like(both)
         for pixel in best:
             omega[pixel] = True

@@ -24,8 +24,10 @@ from ..cli_models import (
     resolution_arg,
 )
 from ..errors import InputError
+from ..metrics import CONN_COMPONENTS
 from ..targets import DEPTH_SPACES
 from ..tasks import TASKS
+from .protocols import PROTOCOLS, get_protocol
 from .report import write_report
 from .runner import BENCHMARK_POINT_SIGMA_PX, EvaluationSettings, Model, evaluate_suite
 from .suites import SUITES, get_suite
@@ -36,6 +38,9 @@ logger = logging.getLogger("e2p_core")
 def evaluate(args: argparse.Namespace) -> None:
     # Check every suite and path before loading the model, so a typo costs nothing.
     jobs = _suite_jobs(args)
+    protocol = get_protocol(args.protocol, depth_space=args.depth_space, normal_aggregation=args.normal_aggregation,
+                            conn_component=args.conn_component)
+    protocol.check(args.task)
     device, dtype = device_and_dtype(args)
     prompt = prompt_embeddings(args, device, dtype)
     expected_prompt = prompt_text(args.task, args.matting_prompt)
@@ -46,8 +51,7 @@ def evaluate(args: argparse.Namespace) -> None:
     denoiser, codec, _ = load_model(args, device, dtype)
     model = Model(args.task, denoiser, codec, prompt)
     settings = EvaluationSettings(steps=args.steps, seed=args.seed, resize=args.resize, resolution=args.resolution,
-                                  depth_space=args.depth_space, normal_aggregation=args.normal_aggregation,
-                                  point_sigma_px=args.point_sigma, limit=args.limit)
+                                  protocol=protocol, point_sigma_px=args.point_sigma, limit=args.limit)
 
     results = []
     for suite, data_root, list_file in jobs:
@@ -86,7 +90,8 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     v.add_argument("--task", choices=sorted(TASKS), default="depth", help="what the model predicts (default depth)")
     v.add_argument("--suite", action="append", required=True, choices=suite_names,
                    help="benchmark, repeatable: depth nyuv2/kitti/eth3d/scannet/diode; normal nyuv2/scannet/ibims/"
-                        "diode/sintel; matting p3m500np/am2k/aim500")
+                        "diode; matting p3m500np/am2k/aim500 (Sintel is Edit2Perceive normal training data: not a "
+                        "benchmark here)")
     v.add_argument("--data-root", action="append", required=True,
                    help="the suite's folder or tar archive (one per --suite, in order)")
     v.add_argument("--list-file", action="append",
@@ -100,11 +105,20 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     v.add_argument("--resize", choices=("aligned", "reference"), default="reference",
                    help="reference: the official square squash (default); aligned: keep the aspect ratio")
     v.add_argument("--resolution", type=resolution_arg, default=768, help="processing size (default 768) or 'native'")
-    v.add_argument("--depth-space", choices=DEPTH_SPACES, default="sqrt",
-                   help="space of the least-squares depth alignment: sqrt (default, the released sqrt-trained "
-                        "model), log (FE2E), uniform (linear depth)")
-    v.add_argument("--normal-aggregation", choices=("per_image", "pooled"), default="per_image",
-                   help="per_image: average per-image metrics (E2P, default); pooled: all pixels together (FE2E)")
+    v.add_argument("--protocol", choices=sorted(PROTOCOLS), default="e2p",
+                   help="e2p: the official Edit2Perceive evaluation (default); fe2e: FE2E's (log-depth alignment over "
+                        "positive predictions, Marigold's depth ranges, renormalised normals pooled over all pixels, "
+                        "DSINE's or Marigold's normal files); see e2p_core/evaluation/protocols.py")
+    v.add_argument("--depth-space", choices=DEPTH_SPACES,
+                   help="e2p protocol: space of the least-squares depth alignment: sqrt (default, the released "
+                        "sqrt-trained model), log, uniform (linear depth, what the official script does for a "
+                        "checkpoint file name without 'sqrt')")
+    v.add_argument("--normal-aggregation", choices=("per_image", "pooled"),
+                   help="e2p protocol: per_image (default): average per-image metrics; pooled: all pixels together")
+    v.add_argument("--conn-component", choices=CONN_COMPONENTS,
+                   help="e2p protocol, matting Conn: most_frequent_label (default, the official Edit2Perceive "
+                        "evaluation: background label included) or largest_foreground (the dataset owners' "
+                        "DIM/P3M code)")
     v.add_argument("--point-sigma", type=float, default=BENCHMARK_POINT_SIGMA_PX,
                    help="matting: σ of the simulated click Gaussians in ground-truth pixels (default %(default)s)")
     v.set_defaults(run=evaluate)

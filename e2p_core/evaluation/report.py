@@ -6,7 +6,7 @@ Written to an output folder, atomically:
   degrees and the share under 11.25°/22.5°/30° in %; matting MSE, SAD, Grad, Conn), then every metric per suite, the
   settings and the skipped samples;
 * ``results.csv``: one row per (suite, metric) with the raw value (depth δ as fractions, as ``e2p_core.metrics``
-  returns them);
+  returns them) and the protocol that produced it (for matting: which Conn);
 * ``per_image.csv``: one row per evaluated sample.
 """
 
@@ -52,13 +52,9 @@ def full_table(results: list[SuiteResult]) -> str:
 
 
 def settings_line(settings: EvaluationSettings, task: str) -> str:
-    parts = [f"{settings.steps} step(s)", f"seed {settings.seed}", f"{settings.resize} resize {settings.resolution}"]
-    if task == "depth":
-        parts.append(f"least-squares alignment in {settings.depth_space} depth space")
-    elif task == "normal":
-        pooled = settings.normal_aggregation == "pooled"
-        parts.append("pixels pooled over each dataset" if pooled else "per-image averages")
-    else:
+    parts = [f"{settings.steps} step(s)", f"seed {settings.seed}", f"{settings.resize} resize {settings.resolution}",
+             settings.protocol.describe(task)]
+    if task == "matting":
         parts.append(f"10 seed-42 points from the ground-truth alpha, σ = {settings.point_sigma_px:g} px")
     if settings.limit is not None:
         parts.append(f"first {settings.limit} samples only")
@@ -67,10 +63,14 @@ def settings_line(settings: EvaluationSettings, task: str) -> str:
 
 def markdown_report(results: list[SuiteResult], method: str, settings: EvaluationSettings) -> str:
     task = results[0].suite.task
-    lines = [f"# Edit2Perceive {task} evaluation", "", headline_table(results, method), ""]
+    lines = [f"# {task.capitalize()} evaluation ({settings.protocol.title} protocol)", "",
+             headline_table(results, method), ""]
     if task == "depth":
         lines += ["AbsRel and δ1 in %.", ""]
     lines += [f"Settings: {settings_line(settings, task)}.", "", "## All metrics", "", full_table(results), ""]
+    notes = [f"* {result.suite.title}: {result.note}" for result in results if result.note]
+    if notes:
+        lines += ["## Scope", "", *notes, ""]
     skipped = [(result.suite.title, name, why) for result in results for name, why in result.skipped]
     if skipped:
         lines += ["## Skipped samples", ""] + [f"* {suite}: `{name}`: {why}" for suite, name, why in skipped] + [""]
@@ -88,12 +88,12 @@ def write_report(results: list[SuiteResult], out_dir: str | Path, method: str,
     """Write ``results.md``, ``results.csv`` and ``per_image.csv`` into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = [["task", "suite", "metric", "value", "images", "skipped"]]
+    summary = [["task", "suite", "metric", "value", "images", "skipped", "protocol"]]
     per_image = [["task", "suite", "sample", *results[0].metrics]]
     for result in results:
         suite = result.suite
-        summary += [[suite.task, suite.name, key, repr(value), len(result.per_image), len(result.skipped)]
-                    for key, value in result.metrics.items()]
+        summary += [[suite.task, suite.name, key, repr(value), len(result.per_image), len(result.skipped),
+                     settings.protocol.describe(suite.task)] for key, value in result.metrics.items()]
         per_image += [[suite.task, suite.name, name, *(repr(metrics[key]) for key in results[0].metrics)]
                       for name, metrics in result.per_image]
     contents = {

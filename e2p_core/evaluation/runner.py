@@ -1,10 +1,11 @@
-"""Run a model over one benchmark suite and average its metrics, following the official protocol (E2P-SPEC §6).
+"""Run a model over one benchmark suite and summarise its metrics under an evaluation protocol (``protocols``).
 
 Per sample: predict with ``e2p_core.pipeline.perceive`` (1 step, seed 42, the 768 square squash by default), take the
-prediction at the processing size, resize it to the ground truth with bilinear ``align_corners=True`` as the official
-script does, score it with ``e2p_core.metrics``, and average over the images. Unreadable samples are skipped and
-reported, and so are depth samples with fewer than 100 valid pixels or a SILog of 0/NaN, which the official script
-drops; an error inside the model stops the run.
+prediction at the processing size (``perceive`` is asked not to resize it to the input, which would be thrown away),
+resize it to the ground truth as the protocol says (E2P: bilinear ``align_corners=True``), score it with
+``e2p_core.metrics``, and average over the images, or pool the pixels (normals under FE2E). Unreadable samples are
+skipped and reported, and so are the depth samples the E2P script drops (fewer than 100 valid pixels, SILog 0 or
+NaN); an error inside the model stops the run.
 """
 
 from __future__ import annotations
@@ -18,19 +19,18 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..backends.base import Denoiser, LatentCodec
 from ..errors import InputError
-from ..metrics import angular_error_metrics, depth_metrics, matting_metrics, normal_angular_errors
+from ..metrics import PooledAngularErrors, angular_error_metrics, matting_metrics, normal_angular_errors
 from ..pipeline import perceive
 from ..points import sample_point_map
 from ..prompts import PromptEmbeddings
-from .suites import MIN_DEPTH_M, DataRoot, Sample, Suite
+from .protocols import E2P, Protocol
+from .suites import DataRoot, Sample, Suite
 
 logger = logging.getLogger(__name__)
 
-MIN_VALID_DEPTH_PIXELS = 100  # the official script skips depth samples with fewer valid pixels
 BENCHMARK_POINT_SIGMA_PX = 20.0  # the benchmark's gen_points σ, in ground-truth pixels (E2P-SPEC §2.1)
 
 
@@ -42,8 +42,7 @@ class EvaluationSettings:
     seed: int = 42
     resize: Literal["aligned", "reference"] = "reference"
     resolution: int | Literal["native"] = 768
-    depth_space: str = "sqrt"  # the released model was trained on sqrt depth (see e2p_core.metrics.align_depth)
-    normal_aggregation: Literal["per_image", "pooled"] = "per_image"  # E2P averages images; FE2E pools pixels
+    protocol: Protocol = E2P  # how predictions are aligned, scored and summarised
     point_sigma_px: float = BENCHMARK_POINT_SIGMA_PX
     limit: int | None = None  # evaluate only the first N samples
 
@@ -64,6 +63,7 @@ class SuiteResult:
     metrics: dict[str, float]  # the dataset-level numbers
     per_image: list[tuple[str, dict[str, float]]] = field(default_factory=list)  # (sample name, metrics)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample name, why)
+    note: str | None = None  # what discovery left out of the root (AM-2k's train/)
 
 
 def predict_on_ground_truth(model: Model, sample: Sample, settings: EvaluationSettings) -> torch.Tensor:
@@ -74,12 +74,14 @@ def predict_on_ground_truth(model: Model, sample: Sample, settings: EvaluationSe
         # σ = 20 px at the ground truth's own resolution; perceive resizes the map with the image.
         point_map = sample_point_map(sample.target, sigma_px=settings.point_sigma_px)[0]
     result = perceive(model.denoiser, model.codec, sample.image, model.task, model.prompt, point_map=point_map,
-                      steps=settings.steps, seed=settings.seed, resize=settings.resize, resolution=settings.resolution)
+                      steps=settings.steps, seed=settings.seed, resize=settings.resize, resolution=settings.resolution,
+                      restore_output=False)
     height, width = result.geometry.resized_hw
-    content = result.postprocessed[:, :, :height, :width].float().cpu()  # [1,C,h,w], the padding cropped
+    content = result.postprocessed[0, :, :height, :width].float().cpu()  # [C,h,w], the padding cropped
     top, left, region_h, region_w = sample.region or (0, 0, *sample.valid.shape)
-    # As the official evaluation: bilinear with align_corners=True; normals are not renormalised (angles need not).
-    resized = F.interpolate(content, size=(region_h, region_w), mode="bilinear", align_corners=True)[0]  # [C,h',w']
+    resized = settings.protocol.resize(content, (region_h, region_w), model.task)  # [C,h',w']
+    if sample.region is None:
+        return resized
     canvas = torch.zeros(resized.shape[0], *sample.valid.shape)  # [C,H,W]
     canvas[:, top:top + region_h, left:left + region_w] = resized
     return canvas
@@ -97,42 +99,44 @@ def evaluate_suite(
     progress before each sample."""
     if suite.task != model.task:
         raise InputError(f"suite {suite.name} is a {suite.task} benchmark; the model was loaded for {model.task}")
+    protocol = settings.protocol
+    protocol.check(model.task)
     result = SuiteResult(suite, {})
-    pooled_errors = []  # normals, pooled aggregation: every valid pixel's angle
+    pooled = PooledAngularErrors()  # normals, pooled aggregation: every valid pixel of the dataset
     with DataRoot(data_root) as root:
-        rows = suite.rows(root, list_file)[: settings.limit]
+        rows, result.note = suite.find(root, list_file)
+        rows = rows[: settings.limit]
         for index, row in enumerate(rows):
             if on_sample is not None:
                 on_sample(index, len(rows), row[0])
             try:
-                sample = suite.load(root, row)
+                sample = suite.load(root, row, protocol)
             except InputError as error:
                 logger.warning("skipping %s: %s", row[0], error)
                 result.skipped.append((row[0], str(error)))
                 continue
-            if model.task == "depth" and sample.valid.sum() < MIN_VALID_DEPTH_PIXELS:
-                result.skipped.append((sample.name, f"fewer than {MIN_VALID_DEPTH_PIXELS} valid depth pixels"))
+            if model.task == "depth" and sample.valid.sum() < protocol.min_valid_depth_pixels:
+                result.skipped.append((sample.name, f"fewer than {protocol.min_valid_depth_pixels} valid depth pixels"))
                 continue
             prediction = predict_on_ground_truth(model, sample, settings)
             if model.task == "depth":
-                metrics = depth_metrics(prediction[0], sample.target, sample.valid, settings.depth_space,
-                                        MIN_DEPTH_M, suite.max_depth)
-                if metrics["silog"] == 0 or math.isnan(metrics["silog"]):
+                metrics = protocol.depth_metrics(prediction[0], sample.target, sample.valid, suite.name)
+                if protocol.drop_zero_silog and (metrics["silog"] == 0 or math.isnan(metrics["silog"])):
                     result.skipped.append((sample.name, "SILog is 0 or NaN (dropped, as the official script does)"))
                     continue
             elif model.task == "normal":
                 errors = normal_angular_errors(prediction, sample.target, sample.valid)
-                if settings.normal_aggregation == "pooled":
-                    pooled_errors.append(errors.float())  # float32 halves what a whole dataset keeps in memory
+                if protocol.normal_aggregation == "pooled":
+                    pooled.add(errors)
                 metrics = angular_error_metrics(errors)
             else:
-                metrics = matting_metrics(prediction[0], sample.target)
+                metrics = matting_metrics(prediction[0], sample.target, protocol.conn_component)
             result.per_image.append((sample.name, metrics))
     if not result.per_image:
         raise InputError(f"no {suite.title} sample of {data_root} could be evaluated "
                          f"({len(result.skipped)} skipped, e.g. {result.skipped[:1]})")
-    if model.task == "normal" and settings.normal_aggregation == "pooled":
-        result.metrics = angular_error_metrics(torch.cat(pooled_errors))
+    if model.task == "normal" and protocol.normal_aggregation == "pooled":
+        result.metrics = pooled.summary()
     else:
         keys = result.per_image[0][1]
         result.metrics = {key: float(np.nanmean([metrics[key] for _, metrics in result.per_image])) for key in keys}
