@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from e2p_core.errors import HubError
-from e2p_core.hub import MODEL_FILES, Store, find_local, resolve, resolve_all, task_model_keys
+from e2p_core.hub import MODEL_FILES, TOKENIZER_KEYS, Store, find_local, resolve, resolve_all, task_model_keys
 from e2p_core.hub import fetch as fetch_module
-from hub_support import CHUNK_BYTES, FIXTURES, TINY_STAND_INS, FakeHub, hub_environment, serve_tiny_models
+from comfy_support import comfy_root
+from hub_support import (CHUNK_BYTES, FIXTURES, TINY_STAND_INS, FakeHub, hub_environment, serve_tiny_models,
+                         serve_tokenizers)
 
 KONTEXT, LORA, VAE = (MODEL_FILES[key] for key in ("kontext", "depth_lora", "vae"))
 TOKEN = "hf_granted"
@@ -66,6 +68,26 @@ def test_comfyui_store_puts_files_in_their_model_folders(hub, tmp_path, monkeypa
                      "depth_lora": models / "loras" / "depth_lora.safetensors", "vae": models / "vae" / "ae.safetensors"}
     for key, path in paths.items():
         assert sha256(path) == expected_sha256(key)
+
+
+@pytest.mark.parametrize("store_kind", sorted(STORES))
+def test_small_files_are_checked_by_their_git_blob_id(hub, tmp_path, store_kind, monkeypatch):
+    """The tokenizers are plain git files (no LFS): ETag = git's blob sha1, served by the hub itself, no redirect."""
+    serve_tokenizers(hub, comfy_root())
+    keys = TOKENIZER_KEYS["clip_tokenizer"]
+    paths = resolve_all(keys, STORES[store_kind](tmp_path))
+    for key in keys:
+        source = comfy_root() / "comfy" / "sd1_tokenizer" / key.split("/", 1)[1]
+        assert paths[key].read_bytes() == source.read_bytes()
+    assert len({path.parent for path in paths.values()}) == 1  # one tokenizer folder
+    assert all(r.server == "hub" for r in hub.requests)
+    vocab = MODEL_FILES["clip_tokenizer/vocab.json"]
+    hub.requests.clear()
+    hub.fail(vocab.hub.repo, vocab.hub.path, "corrupt")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "second"))  # start afresh
+    assert resolve("clip_tokenizer/vocab.json", STORES[store_kind](tmp_path / "second")).read_bytes() == \
+        (comfy_root() / "comfy" / "sd1_tokenizer" / "vocab.json").read_bytes()
+    assert len(hub.downloads("vocab.json")) == 2  # the damaged copy was detected by its blob id and fetched again
 
 
 def test_vae_comes_from_schnell_when_the_hub_lists_the_same_sha256(hub, tmp_path):

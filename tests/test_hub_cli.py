@@ -65,8 +65,9 @@ def test_download_into_comfyui_then_predict_offline(hub, tmp_path, prompt_files,
     assert main(["download", "--task", "depth", "--comfyui", str(comfyui), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert "flux1-kontext-dev.safetensors" in listing and "to download, 23.8 GB" in listing
+    assert "t5xxl_fp16.safetensors" in listing and "flux_tokenizers/tokenizer_2/tokenizer.json" in listing
     assert hub.downloads() == []
-    assert main(["download", "--task", "depth", "--comfyui", str(comfyui)]) == 0
+    assert main(["download", "--task", "depth", "--comfyui", str(comfyui), "--no-text-encoders"]) == 0
     models = comfyui / "models"
     for path in ("diffusion_models/flux1-kontext-dev.safetensors", "loras/depth_lora.safetensors",
                  "vae/ae.safetensors"):

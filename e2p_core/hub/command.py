@@ -1,7 +1,7 @@
 """The command line's side of the hub: ``python -m e2p_core download``, and the model files ``predict``/``evaluate``
 take from the sources table when no path is given.
 
-    python -m e2p_core download --task depth                       # Kontext base + depth LoRA + VAE -> HF cache
+    python -m e2p_core download --task depth    # Kontext base + depth LoRA + VAE + text encoders -> the HF cache
     python -m e2p_core download --task all --weights full --comfyui ~/ComfyUI   # into ComfyUI/models/<folder>/
     python -m e2p_core download --task depth --to models/ --dry-run             # what would come, and how big
 """
@@ -11,7 +11,7 @@ import logging
 
 from ..tasks import TASKS
 from .fetch import Store, find_local, resolve_all
-from .sources import BASE_CHOICES, WEIGHTS_CHOICES, format_bytes, model_file, task_model_keys
+from .sources import BASE_CHOICES, TEXT_ENCODER_KEYS, WEIGHTS_CHOICES, format_bytes, model_file, task_model_keys
 
 logger = logging.getLogger("e2p_core")
 
@@ -70,13 +70,17 @@ def fill_model_paths(args: argparse.Namespace) -> None:
 
 def download(args: argparse.Namespace) -> None:
     tasks = sorted(TASKS) if args.task == "all" else [args.task]
-    keys = list(dict.fromkeys(key for task in tasks for key in task_model_keys(task, args.weights, args.base)))
+    keys = [key for task in tasks for key in task_model_keys(task, args.weights, args.base)]
+    if not args.no_text_encoders:
+        keys += TEXT_ENCODER_KEYS
+    keys = list(dict.fromkeys(keys))
     store = store_from_args(args)
     found = {key: find_local(key, store) for key in keys}
     for key in keys:
         file = model_file(key)
         state = f"present: {found[key]}" if found[key] else f"to download, {file.size_text}"
-        print(f"{file.name:42s} {file.hub.repo:40s} {state}")
+        source = file.hub.repo + (f" (or {file.ungated_copy.repo})" if file.ungated_copy else "")
+        print(f"{file.name:50s} {source:40s} {state}")
     missing_bytes = sum(model_file(key).approx_bytes for key in keys if not found[key])
     print(f"{sum(1 for key in keys if not found[key])} file(s) to download, about {format_bytes(missing_bytes)}")
     if args.dry_run:
@@ -91,5 +95,7 @@ def add_download_parser(commands) -> None:
                             description=__doc__.split("\n\n")[0])
     d.add_argument("--task", required=True, choices=[*sorted(TASKS), "all"], help="which task's files (or all)")
     add_source_arguments(d)
+    d.add_argument("--no-text-encoders", action="store_true",
+                   help="skip CLIP-L + T5-XXL and their tokenizers (10 GB; needed once, to encode the task prompts)")
     d.add_argument("--dry-run", action="store_true", help="only list the files, where they are and their sizes")
     d.set_defaults(run=download)

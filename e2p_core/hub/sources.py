@@ -84,12 +84,13 @@ def _e2p_files() -> list[ModelFile]:
 
 
 # CLIP-L (tokenizer/) and T5 (tokenizer_2/) tokenizers of the FLUX repositories; schnell's are ungated and the same
-# as Kontext's. ComfyUI ships equivalents in comfy/sd1_tokenizer and comfy/text_encoders/t5_tokenizer.
+# as Kontext's. ComfyUI ships equivalents in comfy/sd1_tokenizer and comfy/text_encoders/t5_tokenizer. T5's
+# tokenizer.json holds the whole fast tokenizer, so its sentencepiece model (spiece.model) is not needed.
 _TOKENIZER_FILES = {
     "clip_tokenizer": ("tokenizer", {"vocab.json": 1_059_962, "merges.txt": 524_619,
                                      "special_tokens_map.json": 588, "tokenizer_config.json": 705}),
-    "t5_tokenizer": ("tokenizer_2", {"spiece.model": 791_656, "tokenizer.json": 2_424_064,
-                                     "special_tokens_map.json": 2_543, "tokenizer_config.json": 20_817}),
+    "t5_tokenizer": ("tokenizer_2", {"tokenizer.json": 2_424_064, "special_tokens_map.json": 2_543,
+                                     "tokenizer_config.json": 20_817}),
 }
 
 

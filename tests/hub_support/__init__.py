@@ -3,7 +3,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
-from e2p_core.hub import MODEL_FILES
+from e2p_core.hub import MODEL_FILES, TOKENIZER_KEYS
 
 from .fake_hub import FakeHub, Request
 
@@ -21,6 +21,16 @@ TINY_STAND_INS = {
 }
 
 
+def serve_tokenizers(hub: FakeHub, comfyui_root: Path) -> None:
+    """The FLUX tokenizer files of the table, played by the copies ComfyUI ships (small files: served as git blobs)."""
+    folders = {"clip_tokenizer": comfyui_root / "comfy" / "sd1_tokenizer",
+               "t5_tokenizer": comfyui_root / "comfy" / "text_encoders" / "t5_tokenizer"}
+    for group, keys in TOKENIZER_KEYS.items():
+        for key in keys:
+            file = MODEL_FILES[key]
+            hub.add_file(file.hub.repo, file.hub.path, folders[group] / key.split("/", 1)[1])
+
+
 def serve_tiny_models(hub: FakeHub) -> None:
     """Put the tiny stand-ins on ``hub`` at the table's repositories and paths (FLUX.1-Kontext-dev gated)."""
     for key, fixture in TINY_STAND_INS.items():
@@ -31,7 +41,7 @@ def serve_tiny_models(hub: FakeHub) -> None:
             hub.add_file(file.ungated_copy.repo, file.ungated_copy.path, data, gated=False)
 
 
-__all__ = ["CHUNK_BYTES", "FIXTURES", "TINY_STAND_INS", "FakeHub", "Request", "hub_environment", "serve_tiny_models"]
+__all__ = ["CHUNK_BYTES", "FIXTURES", "TINY_STAND_INS", "FakeHub", "Request", "hub_environment", "serve_tiny_models", "serve_tokenizers"]
 
 
 def hub_environment(monkeypatch, hub: FakeHub, home: Path) -> None:
