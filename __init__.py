@@ -15,4 +15,8 @@ else:
     NODE_CLASS_MAPPINGS: dict = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The browser side of the pack (the point picker on 'Edit2Perceive Point Prompt'): plain ES modules ComfyUI serves
+# under /extensions/<folder>/ and loads with its frontend; no build step.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -179,19 +179,24 @@ def _point_maps(spec: Task, geometry: Geometry, batch: int, points: PointPrompt 
     if points is not None and point_map is not None:
         raise InputError("give either a point prompt or a point map, not both")
     if points is not None:
-        # Clicks and mask go to the processing size; build_point_map checks that the mode has what it needs.
-        clicks = None if points.points_px is None else scale_coords(points.points_px, geometry.input_hw,
-                                                                    geometry.resized_hw)
-        mask = None if points.mask is None else resize_map(points.mask, geometry)
-        built = build_point_map(points.mode, *geometry.resized_hw, points_px=clicks, mask=mask,
-                                sigma_px=points.sigma_px, radius_px=points.radius_px)  # [h',w']
-        return pad_map(built, geometry).expand(batch, -1, -1)  # [B,Hp,Wp]
+        return pad_map(rasterize_point_prompt(points, geometry), geometry).expand(batch, -1, -1)  # [B,Hp,Wp]
     if point_map is not None:
         maps = _as_point_maps(point_map, geometry.input_hw, batch)
     else:
         logger.warning("matting without a point prompt: the model sees an empty point map (as the reference app)")
         maps = [np.zeros(geometry.input_hw, dtype=np.float32)] * batch
     return torch.stack([prepare_map(m, geometry) for m in maps])
+
+
+def rasterize_point_prompt(points: PointPrompt, geometry: Geometry) -> np.ndarray:
+    """The soft point map the model sees for ``points``: float32 [h',w'] in [0,1] at ``geometry.resized_hw``
+    (before padding). Also what the node's point picker in the browser draws."""
+    # Clicks and mask go to the processing size; build_point_map checks that the mode has what it needs.
+    clicks = None if points.points_px is None else scale_coords(points.points_px, geometry.input_hw,
+                                                                geometry.resized_hw)
+    mask = None if points.mask is None else resize_map(points.mask, geometry)
+    return build_point_map(points.mode, *geometry.resized_hw, points_px=clicks, mask=mask,
+                           sigma_px=points.sigma_px, radius_px=points.radius_px)
 
 
 def _as_point_maps(point_map, input_hw: tuple[int, int], batch: int) -> list:

@@ -9,9 +9,11 @@ from .conditioning import E2PTaskConditioning, register_prompts_folder
 from .loader import E2PModelLoader
 from .outputs import E2PDepthOutput, E2PMatteOutput, E2PNormalOutput
 from .perceive import E2PPerceive
+from .point_picker import register_routes
 from .point_prompt import E2PPointPrompt
 
 register_prompts_folder()
+register_routes()  # the point picker's server side (web/point_picker.js)
 
 _NODES = {
     "E2PModelLoader": (E2PModelLoader, "Edit2Perceive Model Loader"),

@@ -12,6 +12,7 @@ import torch
 from ..e2p_core.errors import InputError
 from ..e2p_core.pipeline import PointPrompt
 from ..e2p_core.points import CoordSpace, build_point_map, parse_points, to_pixel_coords, warn_negative_points
+from .point_picker import PICTURE_UI_KEY, save_picture
 from .prediction import E2P_POINT_PROMPT, PointPromptInput
 
 COORD_SPACES = get_args(CoordSpace)  # ("auto", "pixels", "normalized")
@@ -72,10 +73,11 @@ class E2PPointPrompt:
         "Turns foreground clicks (KJNodes Points Editor 'positive_coords') or a foreground mask into the point prompt "
         "of Edit2Perceive matting. As in the official app, disks around the clicks are sampled for 10 points, each a "
         "Gaussian; 'clicks' puts the Gaussians at the clicks instead (not how it was trained). Negative points are "
-        "ignored with a warning: the model was trained on positive points only."
+        "ignored with a warning: the model was trained on positive points only. Click on the picture in the node "
+        "to add a point, click a point (or right-click) to remove it; the glow is the point map the model will see."
     )
     CATEGORY = "Edit2Perceive/matting"
-    FUNCTION = "build"
+    FUNCTION = "run"
     RETURN_TYPES = (E2P_POINT_PROMPT, "MASK")
     RETURN_NAMES = ("point_prompt", "preview")
     OUTPUT_TOOLTIPS = ("The point prompt for 'Edit2Perceive Perceive' (matting).",
@@ -106,3 +108,8 @@ class E2PPointPrompt:
 
     def build(self, image, positive_coords, coords_space, mode, negative_coords="", mask=None):
         return make_point_prompt(image, positive_coords, coords_space, mode, negative_coords, mask)
+
+    def run(self, image, positive_coords, coords_space, mode, negative_coords="", mask=None):
+        """ComfyUI's entry: :meth:`build`, plus the image as a UI output for the point picker in the browser."""
+        result = self.build(image, positive_coords, coords_space, mode, negative_coords, mask)
+        return {"ui": {PICTURE_UI_KEY: [save_picture(image)]}, "result": result}
