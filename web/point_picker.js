@@ -34,7 +34,8 @@ function widgetOf(node, name) {
 
 /** True when the widget `name` has become an input that is linked (its value then arrives at run time). */
 function isLinked(node, name) {
-  return (node.inputs ?? []).some((input) => (input.widget?.name === name || input.name === name) && input.link != null);
+  return (node.inputs ?? []).some((input) =>
+    (input.widget?.name === name || input.name === name) && input.link != null);
 }
 
 /**
@@ -93,7 +94,8 @@ class PointPicker {
 
     this.element = document.createElement("div");
     this.element.className = "e2p-point-picker";
-    Object.assign(this.element.style, { display: "flex", flexDirection: "column", gap: "4px", boxSizing: "border-box" });
+    Object.assign(this.element.style,
+      { display: "flex", flexDirection: "column", gap: "4px", boxSizing: "border-box" });
 
     const bar = document.createElement("div");
     Object.assign(bar.style, { display: "flex", alignItems: "center", gap: "8px", fontSize: "11px", flex: "0 0 auto" });
@@ -107,7 +109,8 @@ class PointPicker {
     });
     this.status = document.createElement("span");
     this.status.className = "e2p-picker-status";
-    Object.assign(this.status.style, { opacity: "0.8", whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis" });
+    Object.assign(this.status.style,
+      { opacity: "0.8", whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis" });
     bar.append(this.clearButton, this.status);
 
     this.canvas = document.createElement("canvas");

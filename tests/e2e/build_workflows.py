@@ -1,11 +1,13 @@
 """Builds the example workflows in ``workflows/`` (UI format) and their same-name ``.jpg`` thumbnails.
 
-    .venv/bin/python -m tests.e2e.build_workflows [--out workflows]
+    .venv/bin/python -m tests.e2e.build_workflows [--out workflows] [--only NAME ...]
 
 The graphs are written down here as nodes (type, widget values by name, layout column) and links; a real ComfyUI
 server with the pack serves the real frontend, which creates the nodes from the server's node definitions, links
 them and serialises the graph exactly as "Save" would (``app.graph.serialize()``). The thumbnail is a screenshot
-of that graph in headless Chromium: it shows the workflow, not a generated picture.
+of that graph in headless Chromium: it shows the workflow, not a generated picture. The Load Image nodes show
+pictures made from numbers (``pictures.py``), which the point picker of the matting workflow shows too;
+``e2p_point_picker.jpg`` is a close-up of that node with its points and the point map the model will see.
 
 The model file names are the ones users have: FLUX.1 Kontext [dev] with the Edit2Perceive task LoRAs (as released,
 kohya naming), the Flux VAE ``ae.safetensors``, FLUX.1 [dev] with its two text encoders, and jasperai's FLUX.1 [dev]
@@ -23,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from .comfy_server import REPO_ROOT, ComfyServer
 from .frontend import Frontend
+from .pictures import background, scene
 
 KONTEXT = "flux1-kontext-dev.safetensors"
 FLUX_VAE = "ae.safetensors"
@@ -35,8 +40,12 @@ CONTROLNETS = {"depth": "jasperai_flux.1-dev-controlnet-depth.safetensors",
                "normal": "jasperai_flux.1-dev-controlnet-surface-normals.safetensors"}
 EXAMPLE_IMAGE, BACKGROUND_IMAGE = "e2p_example.png", "e2p_background.png"
 SUBJECT_CLICKS = '[{"x": 0.5, "y": 0.55}]'  # normalized: the middle of the picture, a little below the centre
+PICKED_CLICKS = '[{"x": 0.28, "y": 0.5}, {"x": 0.42, "y": 0.64}]'  # two clicks on the subject of pictures.scene
+PICTURE_WH = (640, 480)  # the example pictures' size
+POINT_PICKER_SHOT = "e2p_point_picker.jpg"
 
 COLUMN_WIDTH, ROW_GAP = 460, 40
+LOAD_IMAGE_SIZE = (320, 400)  # room for the picture's preview, which appears only once the picture has loaded
 
 
 @dataclass
@@ -70,7 +79,7 @@ def _note(text: str, column: int) -> Node:
 
 def _perceive_chain(task: str, lora: str) -> list[Node]:
     return [
-        Node("image", "LoadImage", 0, {"image": EXAMPLE_IMAGE}),
+        Node("image", "LoadImage", 0, {"image": EXAMPLE_IMAGE}, size=LOAD_IMAGE_SIZE),
         Node("model", "E2PModelLoader", 0, {"model_name": KONTEXT, "weight_dtype": "default", "lora_name": lora,
                                              "lora_strength": 1.0}),
         Node("vae", "VAELoader", 0, {"vae_name": FLUX_VAE}),
@@ -137,20 +146,23 @@ def matting_composite_workflow() -> Workflow:
     """A point-prompted matte of the subject, composited over a new background (core ImageCompositeMasked)."""
     note = ("# Edit2Perceive matting \u2192 new background\n\n" + MODELS_NOTE + "\n\n**Clicks**: "
             "`positive_coords` takes a JSON list of points on the subject, `[{\"x\": .., \"y\": ..}]`, in pixels or "
-            "normalized 0..1; KJNodes' *Points Editor* `positive_coords` output can be linked to it. Negative clicks "
-            "are ignored (the model was trained with positive points only).\n\nThe background is scaled and "
+            "normalized 0..1; click on the picture in the node to add a point, click a point to remove it (the "
+            "glow is the point map the model sees). KJNodes' *Points Editor* `positive_coords` output can be linked "
+            "to it instead. Negative clicks are ignored (the model was trained with positive points only).\n\nThe "
+            "background is scaled and "
             "centre-cropped to the subject's size; the alpha matte (1 = foreground) is the composite's mask. The "
             "cut-out is also saved as an RGBA PNG.")
     nodes = [
         *_perceive_chain("matting", LORAS["matting"]),
-        Node("points", "E2PPointPrompt", 1, {"positive_coords": SUBJECT_CLICKS, "coords_space": "normalized",
-                                             "mode": "app", "negative_coords": ""}),
+        Node("points", "E2PPointPrompt", 1, {"positive_coords": PICKED_CLICKS, "coords_space": "normalized",
+                                             "mode": "app", "negative_coords": ""}, size=(400, 620)),
         Node("point_map", "MaskToImage", 2),
         Node("point_preview", "PreviewImage", 2, title="Point map"),
         Node("matte", "E2PMatteOutput", 3),
         Node("save_rgba", "SaveImage", 3, {"filename_prefix": "e2p_cutout"}, title="Cut-out (RGBA)"),
         _note(note, 4),
-        Node("background", "LoadImage", 0, {"image": BACKGROUND_IMAGE}, title="New background", band=1),
+        Node("background", "LoadImage", 0, {"image": BACKGROUND_IMAGE}, title="New background", band=1,
+             size=LOAD_IMAGE_SIZE),
         Node("size", "GetImageSize", 1, band=1),
         Node("fit", "ImageScale", 2, {"upscale_method": "lanczos", "crop": "center"}, title="Background to size",
              band=1),
@@ -175,7 +187,7 @@ def all_tasks_workflow() -> Workflow:
             "task LoRAs applied by core *LoraLoaderModelOnly* nodes (ComfyUI shares the base weights). The "
             "all-in-one nodes run one step with seed 42 at 768 px and return the input's size.")
     nodes = [
-        Node("image", "LoadImage", 0, {"image": EXAMPLE_IMAGE}),
+        Node("image", "LoadImage", 0, {"image": EXAMPLE_IMAGE}, size=LOAD_IMAGE_SIZE),
         Node("model", "E2PModelLoader", 0, {"model_name": KONTEXT, "weight_dtype": "default", "lora_name": "none",
                                              "lora_strength": 1.0}),
         Node("vae", "VAELoader", 0, {"vae_name": FLUX_VAE}),
@@ -246,11 +258,32 @@ async ({nodes, links, columnWidth, rowGap}) => {
 """
 
 
-def build(out_dir: Path) -> None:
+# In the page: the point prompt node zoomed in at the middle of the view -> its bounding box in client pixels.
+_SHOW_POINT_NODE_JS = r"""
+async (scale) => {
+  const node = (app.graph.nodes ?? app.graph._nodes).find(n => n.type === 'E2PPointPrompt');
+  app.canvas.ds.scale = scale;
+  app.canvas.centerOnNode(node);
+  app.canvas.setDirty(true, true);
+  await new Promise(resolve => setTimeout(resolve, 2000));  // the picture and the point map load asynchronously
+  const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]);
+  const box = app.canvas.canvas.getBoundingClientRect();
+  return {x: box.left + x, y: box.top + y, width: node.size[0] * scale,
+          height: (node.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * scale};
+}
+"""
+
+
+def build(out_dir: Path, only: set[str] | None = None) -> None:
     base_dir = Path(tempfile.mkdtemp(prefix="e2p-build-workflows-"))
     try:
-        with ComfyServer(base_dir) as server, Frontend(server.url, viewport=(2400, 1500)) as frontend:
+        server = ComfyServer(base_dir)
+        Image.fromarray(scene(*PICTURE_WH)).save(base_dir / "input" / EXAMPLE_IMAGE)
+        Image.fromarray(background(*PICTURE_WH)).save(base_dir / "input" / BACKGROUND_IMAGE)
+        with server, Frontend(server.url, viewport=(2400, 1500)) as frontend:
             for name, workflow in WORKFLOWS.items():
+                if only and name not in only:
+                    continue
                 spec = {"nodes": [vars(node) for node in workflow.nodes], "links": workflow.links,
                         "columnWidth": COLUMN_WIDTH, "rowGap": ROW_GAP}
                 graph = frontend.page.evaluate(_BUILD_JS, spec)
@@ -260,8 +293,13 @@ def build(out_dir: Path) -> None:
                 loaded = frontend.load(graph)  # reload from JSON, as a user opening the file
                 if loaded.missing_types or loaded.load_errors:
                     raise RuntimeError(f"{name}: missing {loaded.missing_types}, errors {loaded.load_errors}")
+                frontend.page.wait_for_timeout(2000)  # pictures and the point picker's map load asynchronously
                 frontend.screenshot_graph(out_dir / f"{name}.jpg")
                 print(f"wrote {path} and its thumbnail ({len(workflow.nodes)} nodes)")
+                if name == "e2p_matting_composite":
+                    box = frontend.page.evaluate(_SHOW_POINT_NODE_JS, 1.6)
+                    frontend.page.screenshot(path=out_dir / POINT_PICKER_SHOT, type="jpeg", quality=88, clip=box)
+                    print(f"wrote {out_dir / POINT_PICKER_SHOT}")
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
 
@@ -269,9 +307,10 @@ def build(out_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "workflows")
+    parser.add_argument("--only", nargs="+", choices=sorted(WORKFLOWS), help="rebuild only these workflows")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    build(args.out)
+    build(args.out, set(args.only or ()))
 
 
 if __name__ == "__main__":

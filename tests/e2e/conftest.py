@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,6 +22,7 @@ from e2p_core.checkpoints import LoraPair, lora_to_kohya, save_safetensors_atomi
 
 from .comfy_server import ComfyServer
 from .models import write_test_dit, write_test_prompt_embeddings, write_test_vae
+from .pictures import background, scene
 
 # File names in the server's model folders; all of them are test files built here, none is a real model.
 TEST_DIT = "e2p_test_flux_3072_1x1.safetensors"
@@ -92,17 +92,5 @@ def _test_lora(rank: int = 4) -> dict[str, LoraPair]:
 
 
 def _write_inputs(input_dir: Path) -> None:
-    width, height = ODD_SIZE_WH
-    Image.fromarray(_scene(width, height)).save(input_dir / ODD_IMAGE)
-    y, x = np.mgrid[0:80, 0:96]
-    background = np.stack([x * 255 // 95, y * 255 // 79, np.full_like(x, 160)], axis=-1).astype(np.uint8)
-    Image.fromarray(background).save(input_dir / BACKGROUND_IMAGE)
-
-
-def _scene(width: int, height: int) -> np.ndarray:
-    """A sky-to-ground gradient with a bright disk (the "subject") left of centre; uint8 [H, W, 3]."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    sky = np.stack([60 + 100 * y / height, 90 + 80 * y / height, 200 - 120 * y / height], axis=-1)
-    disk = (x - 0.35 * width) ** 2 + (y - 0.55 * height) ** 2 < (0.25 * height) ** 2
-    sky[disk] = (230, 120, 40)
-    return sky.clip(0, 255).astype(np.uint8)
+    Image.fromarray(scene(*ODD_SIZE_WH)).save(input_dir / ODD_IMAGE)
+    Image.fromarray(background(96, 80)).save(input_dir / BACKGROUND_IMAGE)
