@@ -2,9 +2,13 @@
 
 A user's session, in headless Chromium against the session's real server: open the matting workflow, clear its
 points with the node's button, click two points on the picture inside the node, check the text widget and the API
-prompt the Queue button sends, queue it from the page on the test model, read the point map the node produced (its
-preview MASK, saved by the workflow's PreviewImage, from the server's output), save and reload the workflow, zoom
-the graph and resize the node, find the points drawn at the same places on screen, remove one by clicking it.
+prompt the Queue button sends, queue it from the page on the test model, save and reload the workflow, zoom the
+graph and resize the node, find the points drawn at the same places on screen, remove one by clicking it.
+
+The point map the model received is observed through the workflow itself: the perceive node runs at the image's
+own size (resolution 0), where the map the pipeline feeds the model and the point node's preview MASK (saved by the
+workflow's PreviewImage) are the same rasterisation at the same size. Its peaks must lie in the clicks' disks, and
+the picker's glow (the server's point map route, asked as the picker asks it) must be that same map.
 
 Where the picture sits in the node is worked out here independently ("contain": the whole picture, centred); a
 picker that drew it elsewhere would put the clicks at other image coordinates and fail the checks.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -25,6 +30,7 @@ from .frontend import Frontend, read_workflow
 from .test_workflows_ui import SWAPS, WORKFLOW_DIR, WORKFLOW_IMAGES
 
 POINT_NODE = "E2PPointPrompt"
+NATIVE_RESOLUTION = 0  # E2PPerceive's resolution for "process at the image's own size"
 CLICKS = [(0.25, 0.5), (0.75, 0.5)]  # normalized (x, y) on the picture: far enough apart for separate disks
 MARKER_RGB = (0, 255, 102)  # the picker's point marker (MARKER_FILL in web/point_picker.js)
 # The reference app's click disk: 100 px at 768 px, scaled to the preview's size (the image's own, 83 x 61).
@@ -122,17 +128,20 @@ def test_points_clicked_on_the_picture_reach_the_model_and_survive_a_reload(comf
     assert point_node["inputs"]["positive_coords"] == page.evaluate(_POINTS_JS)
     assert "point_picker" not in point_node["inputs"]
 
-    # Queued from the page on the test model: the node's preview is the point map the clicks make.
-    swaps = [[node_type, name, value] for (node_type, name), value in SWAPS.items()]
-    queued = page.evaluate(_QUEUE_JS, swaps)
+    # Queued from the page on the test model, processed at the image's own size (see the module's docstring).
+    swaps = {**SWAPS, ("E2PPerceive", "resolution"): NATIVE_RESOLUTION}
+    queued = page.evaluate(_QUEUE_JS, [[node_type, name, value] for (node_type, name), value in swaps.items()])
     entry = comfy.server.wait(queued["prompt_id"])
     assert entry["status"]["status_str"] == "success", entry["status"]
-    ran = entry["prompt"][2]
-    preview_id = _preview_of(ran, point_id)
-    (preview_path,) = comfy.server.output_images(entry, preview_id)
+    (preview_path,) = comfy.server.output_images(entry, _preview_of(entry["prompt"][2], point_id))
     point_map = np.asarray(Image.open(preview_path).convert("L"), dtype=np.float32) / 255
     _assert_peaks_in_click_disks(point_map, [(x * ODD_SIZE_WH[0], y * ODD_SIZE_WH[1]) for x, y in points])
-    assert entry["outputs"][point_id]["e2p_picture"][0]["width"] == ODD_SIZE_WH[0]
+    glow_query = urllib.parse.urlencode({
+        "points": point_node["inputs"]["positive_coords"], "coords_space": "normalized", "mode": "app",
+        "width": ODD_SIZE_WH[0], "height": ODD_SIZE_WH[1], "resize_mode": "aligned", "resolution": NATIVE_RESOLUTION})
+    glow = np.asarray(Image.open(io.BytesIO(comfy.server.get_bytes(f"/e2p/point_map?{glow_query}"))))
+    assert np.abs(glow / 255 - point_map).max() <= 1.5 / 255  # 8-bit: the route rounds, the preview truncates
+    assert entry["outputs"][point_id]["e2p_picture"][0]["width"] == ODD_SIZE_WH[0]  # the picture of the run
 
     # Saved and reopened: the same text, nothing of the picker in the file, the points drawn where they were
     # clicked, also zoomed in on a larger node.
