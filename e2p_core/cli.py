@@ -100,7 +100,7 @@ def _point_prompt(args, image_hw):
     if len(given) > 1:
         raise InputError(f"give only one of --points, --point-mask and --point-map (got {len(given)})")
     if args.points:
-        text = Path(args.points).read_text() if Path(args.points).is_file() else args.points
+        text = _text_or_file(args.points, "--points")
         warn_negative_points(args.negative_points or "")
         points_px = to_pixel_coords(parse_points(text), image_hw[1], image_hw[0], args.points_space)
         return PointPrompt(points_px, None, args.point_mode, args.point_sigma, args.point_radius), None
@@ -110,6 +110,20 @@ def _point_prompt(args, image_hw):
     if args.point_map:
         return None, _read_map(args.point_map, image_hw, "point_map")
     return None, None
+
+
+def _text_or_file(value: str, flag: str) -> str:
+    """``value`` itself, or the text of the file it names. JSON too long for a file name is JSON, not an error."""
+    try:
+        is_file = Path(value).is_file()
+    except (OSError, ValueError):  # ENAMETOOLONG, NUL characters
+        is_file = False
+    if not is_file:
+        return value
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{flag} {value}: cannot read the file as UTF-8 text ({exc})") from None
 
 
 def _read_map(path: str, image_hw, key: str) -> np.ndarray:
@@ -130,8 +144,9 @@ def _read_map(path: str, image_hw, key: str) -> np.ndarray:
             raw = raw[..., 0]
         values = raw.astype(np.float32) / (65535.0 if raw.dtype == np.uint16 else 255.0)
     if values.shape != tuple(image_hw):
-        raise InputError(f"{path} is {values.shape[1]}x{values.shape[0]}, the image is {image_hw[1]}x{image_hw[0]} "
-                         f"(width x height); they must match")
+        size = f"{values.shape[1]}x{values.shape[0]}" if values.ndim == 2 else f"of shape {list(values.shape)}"
+        raise InputError(f"{path} is {size}, the image is {image_hw[1]}x{image_hw[0]} (width x height); they must "
+                         f"match")
     return values
 
 

@@ -14,6 +14,7 @@ Clicks arrive in the KJNodes Points Editor / SAM2 JSON contract (COMFY-CONVENTIO
 with positive points only. Sizes default to the reference's 768-px values scaled to the processing size.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -57,11 +58,16 @@ def _short(text: str, limit: int = 200) -> str:
 
 
 def _coordinate(value: object, entry: object) -> float:
-    # bool is an int subclass in Python; true/false are never coordinates.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # bool is an int subclass in Python; true/false are never coordinates. JSON integers have no size limit: one
+    # beyond float's range is as non-finite as Infinity.
+    coordinate = float("nan")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):
+            coordinate = float(value)
+    if not math.isfinite(coordinate):
         raise InputError(f"point {_short(json.dumps(entry))} has a non-numeric or non-finite coordinate; "
                          f"expected finite numbers as in {_EXPECTED_FORMAT}")
-    return float(value)
+    return coordinate
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:
@@ -102,8 +108,8 @@ def _decode_point_json(text: str) -> object:
         return None
     try:
         return json.loads(text.replace("'", '"'))
-    except (json.JSONDecodeError, RecursionError) as err:
-        reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+    except (ValueError, RecursionError) as err:  # ValueError also: an integer of more than 4300 digits
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "too long a number or too deep a nesting"
         raise InputError(f"points {_short(text)!r} are not valid JSON ({reason}); "
                          f"expected {_EXPECTED_FORMAT}") from None
 
@@ -196,8 +202,9 @@ def _unit_gaussian_blob(height: int, width: int, row: int, col: int, sigma_px: f
 
 def _as_map(values: MapLike, what: str) -> np.ndarray:
     array = values.detach().cpu().float().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    if array.ndim != 2:
-        raise InputError(f"{what} has shape {tuple(array.shape)}; expected one [H,W] map with values in [0, 1]")
+    if array.ndim != 2 or array.size == 0:
+        raise InputError(f"{what} has shape {tuple(array.shape)}; expected one non-empty [H,W] map with values in "
+                         f"[0, 1]")
     array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise InputError(f"{what} contains NaN or infinite values; expected values in [0, 1]")

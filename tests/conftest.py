@@ -2,14 +2,26 @@
 tests derive from them (prompt embeddings, the tiny DiT's config.json)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, settings
 from safetensors.torch import load_file
 
 from e2p_core.prompts import PromptEmbeddings, save_prompt_embeddings
+
+# Fuzz tests (tests/test_fuzz_*.py): a fixed example budget and a derandomized seed, so CI runs the same inputs every
+# time and stays fast; HYPOTHESIS_PROFILE=explore searches longer with fresh random inputs on a developer's machine,
+# HYPOTHESIS_PROFILE=debug reports a failure without shrinking it.
+settings.register_profile("ci", max_examples=60, derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("explore", max_examples=2000, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("debug", parent=settings.get_profile("ci"), phases=[Phase.explicit, Phase.generate])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 FIXTURES = Path(__file__).parent / "fixtures" / "e2p_tiny"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
