@@ -33,6 +33,7 @@ from ..e2p_core.checkpoints import (
     sniff_dit_format,
     strip_prefixes,
     to_bfl,
+    weights_must_fit,
 )
 from ..e2p_core.checkpoints.arch import FLUX_AXES_DIMS_ROPE
 from ..e2p_core.checkpoints.io import SAFETENSORS_SUFFIXES
@@ -78,7 +79,8 @@ def load_e2p_model(dit_path: str | Path, weight_dtype: str = "default", lora_pat
         raise CheckpointError(f"{dit_path.name}: head size {architecture.head_dim} is not FLUX's; put a "
                               f"diffusers-style {sidecar.name} with 'axes_dims_rope' beside it")
     metadata = read_metadata(dit_path) if dit_path.suffix in SAFETENSORS_SUFFIXES else {}
-    model = flux_model_from_state_dict(state_dict, architecture, model_options_for(weight_dtype), metadata)
+    with weights_must_fit(dit_path.name):
+        model = flux_model_from_state_dict(state_dict, architecture, model_options_for(weight_dtype), metadata)
     loras = [] if lora_path is None else [(lora_path, lora_strength)]
     for path, strength in loras:
         model = add_lora_patches(model, path, strength, architecture)

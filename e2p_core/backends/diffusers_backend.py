@@ -13,7 +13,7 @@ How the DiT's weights are stored (full, fp8, offloaded, GGUF-quantised) is the `
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-from ..checkpoints import DiTArchitecture, VAEArchitecture, bfl_to_diffusers
+from ..checkpoints import DiTArchitecture, VAEArchitecture, bfl_to_diffusers, weights_must_fit
 from ..errors import CheckpointError
 from ..prompts import PromptEmbeddings
 from ..time_embedding import (
@@ -152,7 +152,8 @@ def build_transformer(
         adopt_quantized_weights(transformer, quantized, dtype, device)
     weights = {key: tensor.to(device=device, dtype=dtype) for key, tensor in state_dict_diffusers.items()
                if key not in quantized}
-    missing, unexpected = transformer.load_state_dict(weights, strict=not quantized, assign=True)
+    with weights_must_fit("the DiT"):
+        missing, unexpected = transformer.load_state_dict(weights, strict=not quantized, assign=True)
     if set(missing) != set(quantized) or unexpected:
         raise CheckpointError(f"DiT weights do not fit the model: missing {sorted(set(missing) - set(quantized))[:5]}, "
                               f"unexpected {unexpected[:5]}")
@@ -168,7 +169,8 @@ def build_vae(
     with torch.device("meta"):
         vae = AutoencoderKL(**architecture.to_diffusers_config())
     weights = {key: tensor.to(device=device, dtype=dtype) for key, tensor in state_dict_diffusers.items()}
-    vae.load_state_dict(weights, strict=True, assign=True)
+    with weights_must_fit("the VAE"):
+        vae.load_state_dict(weights, strict=True, assign=True)
     return vae.eval().requires_grad_(False)
 
 

@@ -19,6 +19,7 @@ from .io import (
     read_metadata,
     save_safetensors_atomic,
     stage_file,
+    weights_must_fit,
     write_atomically,
 )
 from .lora import (
@@ -41,6 +42,6 @@ __all__ = [
     "load_config_json", "load_diffusers_folder", "load_lora", "load_lora_file", "load_state_dict",
     "lora_to_diffsynth_peft", "lora_to_diffusers_peft", "lora_to_kohya", "merge_lora", "read_metadata",
     "save_safetensors_atomic", "sniff_dit_format", "sniff_lora_format", "sniff_vae_format", "stage_file",
-    "strip_prefixes", "write_atomically",
+    "strip_prefixes", "weights_must_fit", "write_atomically",
     "to_bfl", "vae_bfl_to_diffusers", "vae_diffusers_to_bfl", "vae_to_diffusers",
 ]

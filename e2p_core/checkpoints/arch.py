@@ -105,28 +105,30 @@ def infer_dit_architecture(sd_bfl: dict[str, torch.Tensor], config: dict[str, An
     convert or merge weights; building the model then asks for the config.
     """
     config = config or {}
-    img_in = _shape(sd_bfl, "img_in.weight")
+    img_in = _shape(sd_bfl, "img_in.weight", 2)
     hidden, in_channels = img_in
     num_double, num_single = block_counts(list(sd_bfl), "bfl")
     q_norm = "double_blocks.0.img_attn.norm.query_norm" if num_double else "single_blocks.0.norm.query_norm"
-    head_dim = _shape(sd_bfl, f"{q_norm}.scale")[0]
+    head_dim = _shape(sd_bfl, f"{q_norm}.scale", 1)[0]
     if hidden % head_dim:
         raise CheckpointError(f"hidden size {hidden} is not a multiple of the q/k norm size {head_dim}")
     if num_double:
-        mlp_hidden = _shape(sd_bfl, "double_blocks.0.img_mlp.0.weight")[0]
+        mlp_hidden = _shape(sd_bfl, "double_blocks.0.img_mlp.0.weight", 2)[0]
     else:
-        mlp_hidden = _shape(sd_bfl, "single_blocks.0.linear1.weight")[0] - 3 * hidden
+        mlp_hidden = _shape(sd_bfl, "single_blocks.0.linear1.weight", 2)[0] - 3 * hidden
     found = {
         "in_channels": in_channels,
-        "out_channels": _shape(sd_bfl, "final_layer.linear.weight")[0],
+        "out_channels": _shape(sd_bfl, "final_layer.linear.weight", 2)[0],
         "num_layers": num_double,
         "num_single_layers": num_single,
         "attention_head_dim": head_dim,
         "num_attention_heads": hidden // head_dim,
-        "joint_attention_dim": _shape(sd_bfl, "txt_in.weight")[1],
-        "pooled_projection_dim": _shape(sd_bfl, "vector_in.in_layer.weight")[1],
+        "joint_attention_dim": _shape(sd_bfl, "txt_in.weight", 2)[1],
+        "pooled_projection_dim": _shape(sd_bfl, "vector_in.in_layer.weight", 2)[1],
         "guidance_embeds": "guidance_in.in_layer.weight" in sd_bfl,
     }
+    _check_hidden_size(sd_bfl, hidden, {"txt_in.weight": 0, "vector_in.in_layer.weight": 0,
+                                        "final_layer.linear.weight": 1})
     _check_config(config, found, defaults={"out_channels": None})
     axes = tuple(int(a) for a in config.get("axes_dims_rope") or ())
     if not axes:
@@ -149,14 +151,14 @@ def infer_vae_architecture(sd: dict[str, torch.Tensor], config: dict[str, Any] |
     config = config or {}
     sd = vae_to_diffusers(sd)
     levels = 1 + max(int(key.split(".")[2]) for key in sd if key.startswith("encoder.down_blocks."))
-    block_out = tuple(_shape(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels))
+    block_out = tuple(_shape(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", 4)[0] for i in range(levels))
     layers = 1 + max(int(key.split(".")[4]) for key in sd if key.startswith("encoder.down_blocks.0.resnets."))
     found = {
         "block_out_channels": list(block_out),
         "layers_per_block": layers,
-        "latent_channels": _shape(sd, "decoder.conv_in.weight")[1],
-        "in_channels": _shape(sd, "encoder.conv_in.weight")[1],
-        "out_channels": _shape(sd, "decoder.conv_out.weight")[0],
+        "latent_channels": _shape(sd, "decoder.conv_in.weight", 4)[1],
+        "in_channels": _shape(sd, "encoder.conv_in.weight", 4)[1],
+        "out_channels": _shape(sd, "decoder.conv_out.weight", 4)[0],
         "use_quant_conv": "quant_conv.weight" in sd,
         "use_post_quant_conv": "post_quant_conv.weight" in sd,
         "mid_block_add_attention": "encoder.mid_block.attentions.0.to_q.weight" in sd,
@@ -172,6 +174,16 @@ def infer_vae_architecture(sd: dict[str, torch.Tensor], config: dict[str, Any] |
     )
 
 
+def _check_hidden_size(sd_bfl: dict[str, torch.Tensor], hidden: int, dims: dict[str, int]) -> None:
+    """The projections into and out of the stream must all have ``img_in``'s hidden size (ComfyUI reads it from
+    ``txt_in``): a checkpoint where they disagree is corrupt or mixed from two models."""
+    for key, dim in dims.items():
+        size = _shape(sd_bfl, key, 2)[dim]
+        if size != hidden:
+            raise CheckpointError(f"{key} has size {size} along dimension {dim}, but img_in.weight gives the hidden "
+                                  f"size {hidden}: the checkpoint is corrupt or mixed from two models")
+
+
 def _check_config(config: dict[str, Any], found: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Every config value the shapes also determine must agree (``defaults`` lists values meaning "as inferred")."""
     for key, value in found.items():
@@ -182,8 +194,13 @@ def _check_config(config: dict[str, Any], found: dict[str, Any], defaults: dict[
             raise CheckpointError(f"config says {key}={given!r}, but the checkpoint's shapes give {key}={value!r}")
 
 
-def _shape(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
+def _shape(sd: dict[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
+    """The shape of ``sd[key]``, which must have ``ndim`` non-empty dimensions (a sizes-giving weight)."""
     if key not in sd:
         raise CheckpointError(f"missing key {key!r}: the checkpoint is incomplete or in another naming "
                               f"(convert DiTs to BFL naming with to_bfl first)")
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise CheckpointError(f"{key} has shape {list(shape)}; expected {ndim} non-empty dimensions (the checkpoint "
+                              f"is corrupt or not a FLUX model)")
+    return shape

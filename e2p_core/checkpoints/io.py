@@ -7,6 +7,7 @@ Legacy ``.pt/.pth/.bin/.ckpt`` files are read only with ``torch.load(weights_onl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import struct
 import tempfile
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +27,7 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_LEGACY_WEIGHTS = "diffusion_pytorch_model.bin"
+SAFETENSORS_MAX_HEADER_BYTES = 100_000_000  # the format's own limit (safetensors refuses larger headers)
 
 FP8_DTYPES = tuple(
     getattr(torch, name)
@@ -115,6 +117,20 @@ def save_safetensors_atomic(
         write_atomically(path, lambda tmp_name: save_file(prepared, tmp_name, metadata=metadata))
     except Exception as exc:
         raise CheckpointError(f"could not write {path}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def weights_must_fit(what: str) -> Iterator[None]:
+    """Turn torch's ``load_state_dict`` mismatch error (a RuntimeError listing wrong sizes or missing keys) into a
+    CheckpointError naming ``what``: a checkpoint whose other tensors contradict the sizes it was read as."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "in loading state_dict" not in str(exc):
+            raise
+        details = "; ".join(line.strip() for line in str(exc).splitlines()[1:4])
+        raise CheckpointError(f"{what} does not fit the model its shapes describe (corrupt or mixed checkpoint?): "
+                              f"{details}") from None
 
 
 def load_config_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -242,6 +258,9 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
         if len(raw_len) < 8:
             raise CheckpointError(f"{path} is too short ({size} bytes) to be a safetensors file (truncated?)")
         (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > SAFETENSORS_MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path} is corrupt or not a safetensors file: its header claims {header_len} bytes, "
+                                  f"more than the format's limit of {SAFETENSORS_MAX_HEADER_BYTES}")
         if header_len > size - 8:
             raise CheckpointError(
                 f"{path} is truncated or not a safetensors file: its header claims {header_len} bytes but the file "
@@ -249,11 +268,11 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
             )
         try:
             header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, absurd numbers or nesting
             raise CheckpointError(f"{path} is corrupt or not a safetensors file: the header is not JSON") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is corrupt: the safetensors header is not a JSON object")
-    data_end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
+    data_end = max((_tensor_data_end(path, key, info) for key, info in header.items()), default=0)
     available = size - 8 - header_len
     if data_end > available:
         raise CheckpointError(
@@ -261,6 +280,27 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
             f"(download incomplete? re-download the file)"
         )
     return header
+
+
+def _tensor_data_end(path: Path, key: str, info: Any) -> int:
+    """Where the bytes of header entry ``key`` end (0 for ``__metadata__``), once its layout is checked."""
+    if key == "__metadata__":
+        if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+            raise CheckpointError(f"{path} is corrupt: its safetensors __metadata__ is not a map of strings")
+        return 0
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    valid = (isinstance(offsets, list) and len(offsets) == 2
+             and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+             and offsets[0] <= offsets[1] and isinstance(info.get("dtype"), str)
+             and isinstance(info.get("shape"), list))
+    if not valid:
+        raise CheckpointError(f"{path} is corrupt: the safetensors header entry of {_short_key(key)} is not "
+                              f"{{dtype, shape, data_offsets: [begin, end]}}")
+    return offsets[1]
+
+
+def _short_key(key: str, limit: int = 80) -> str:
+    return repr(key if len(key) <= limit else key[:limit] + "...")
 
 
 def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
