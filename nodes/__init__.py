@@ -6,7 +6,7 @@ per task. Every node is a thin schema over ``e2p_core`` and the ComfyUI backend 
 
 from .all_in_one import E2PDepthAllInOne, E2PMattingAllInOne, E2PNormalAllInOne
 from .conditioning import E2PTaskConditioning, register_prompts_folder
-from .loader import E2PModelLoader
+from .loader import E2PModelLoader, E2PVAELoader
 from .outputs import E2PDepthOutput, E2PMatteOutput, E2PNormalOutput
 from .perceive import E2PPerceive
 from .point_picker import register_routes
@@ -17,6 +17,7 @@ register_routes()  # the point picker's server side (web/point_picker.js)
 
 _NODES = {
     "E2PModelLoader": (E2PModelLoader, "Edit2Perceive Model Loader"),
+    "E2PVAELoader": (E2PVAELoader, "Edit2Perceive VAE Loader"),
     "E2PTaskConditioning": (E2PTaskConditioning, "Edit2Perceive Task Conditioning"),
     "E2PPointPrompt": (E2PPointPrompt, "Edit2Perceive Point Prompt"),
     "E2PPerceive": (E2PPerceive, "Edit2Perceive Perceive"),

@@ -17,7 +17,6 @@ import comfy.model_detection
 import comfy.model_management
 import comfy.sd
 import comfy.utils
-import folder_paths
 import torch
 from comfy.model_patcher import ModelPatcher
 
@@ -39,6 +38,7 @@ from ..e2p_core.checkpoints.arch import FLUX_AXES_DIMS_ROPE
 from ..e2p_core.checkpoints.io import SAFETENSORS_SUFFIXES
 from ..e2p_core.errors import CheckpointError
 from ..e2p_core.weights import recorded_time_embedding
+from .model_files import choices, full_path, is_known
 
 logger = logging.getLogger(__name__)
 
@@ -154,23 +154,64 @@ class E2PModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (folder_paths.get_filename_list("diffusion_models"), {
+            "model_name": (choices("diffusion_models"), {
                 "tooltip": "DiT file in models/diffusion_models: FLUX.1 Kontext (BFL naming, bf16/fp8) or an "
-                           "Edit2Perceive full checkpoint (DiffSynth naming)."}),
+                           "Edit2Perceive full checkpoint (DiffSynth naming). Entries marked 'download' are not on "
+                           "disk yet: running the node fetches them from the Hugging Face hub into that folder "
+                           "(FLUX.1 Kontext [dev] is gated: accept its licence and set HF_TOKEN)."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "default",
                 "tooltip": "Storage dtype of the DiT weights, as core 'Load Diffusion Model': fp8 halves the memory "
                            "at a small cost in accuracy."}),
-            "lora_name": ([NO_LORA, *folder_paths.get_filename_list("loras")], {
+            "lora_name": ([NO_LORA, *choices("loras")], {
                 "default": NO_LORA,
                 "tooltip": "The Edit2Perceive task LoRA in models/loras (kohya, ComfyUI, DiffSynth or diffusers "
-                           "naming); 'none' for a full checkpoint."}),
+                           "naming); 'none' for a full checkpoint. Entries marked 'download' are fetched from "
+                           "Seq2Tri/Edit2Perceive into models/loras when the node runs."}),
             "lora_strength": ("FLOAT", {
                 "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                 "tooltip": "LoRA strength; 1.0 is how the model was trained."}),
-        }}
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
 
-    def load(self, model_name: str, weight_dtype: str, lora_name: str, lora_strength: float):
-        dit_path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        lora_path = None if lora_name == NO_LORA else folder_paths.get_full_path_or_raise("loras", lora_name)
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name: str, lora_name: str):
+        # Checked here rather than against the list, so that a known file's download label and its plain name are
+        # both valid before and after it is downloaded.
+        if not is_known("diffusion_models", model_name):
+            return f"{model_name!r} is not in models/diffusion_models"
+        if lora_name != NO_LORA and not is_known("loras", lora_name):
+            return f"{lora_name!r} is not in models/loras"
+        return True
+
+    def load(self, model_name: str, weight_dtype: str, lora_name: str, lora_strength: float, node_id=None):
+        dit_path = full_path("diffusion_models", model_name, node_id)
+        lora_path = None if lora_name == NO_LORA else full_path("loras", lora_name, node_id)
         return (load_e2p_model(dit_path, weight_dtype, lora_path, lora_strength),)
+
+
+class E2PVAELoader:
+    DESCRIPTION = ("Loads the Flux VAE (ae.safetensors) from models/vae like core 'Load VAE'; when it is not on disk "
+                   "yet, running the node fetches it from the Hugging Face hub (335 MB) into models/vae.")
+    CATEGORY = "Edit2Perceive/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The Flux VAE, as core 'Load VAE' returns it.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (choices("vae"), {
+                "tooltip": "VAE file in models/vae. 'ae.safetensors (download ...)' is fetched when the node runs: "
+                           "FLUX.1-schnell's copy (ungated) when the hub lists the same sha256 as Kontext's, else "
+                           "Kontext's (gated: accept its licence and set HF_TOKEN)."}),
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_name: str):
+        return True if is_known("vae", vae_name) else f"{vae_name!r} is not in models/vae"
+
+    def load(self, vae_name: str, node_id=None):
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(full_path("vae", vae_name, node_id)))
+        vae.throw_exception_if_invalid()
+        return (vae,)

@@ -130,9 +130,12 @@ def test_readable_errors(tmp_path, folders):
         E2PModelLoader().load("dit_bfl.safetensors", "fp16", "none", 1.0)
 
 
-def test_schema_lists_the_model_folders(folders):
+def test_schema_lists_the_model_folders(folders, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))  # nothing of the sources table in the HF cache
     required = E2PModelLoader.INPUT_TYPES()["required"]
-    assert required["model_name"][0] == ["dit_bfl.safetensors", "dit_diffsynth.safetensors"]
-    assert required["lora_name"][0] == ["none"]
+    models, loras = required["model_name"][0], required["lora_name"][0]
+    assert models[:2] == ["dit_bfl.safetensors", "dit_diffsynth.safetensors"] and loras[0] == "none"
+    # then the known files that are not on disk, as downloads (tests/test_nodes_hub.py)
+    assert all(" (download " in name for name in models[2:] + loras[1:]) and len(loras) == 4
     assert required["weight_dtype"][0] == ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
     assert all("tooltip" in options for _, options in required.values())

@@ -75,8 +75,9 @@ class Submitted:
 class ComfyServer:
     """One ComfyUI process with its own base directory; use as a context manager or call start()/stop()."""
 
-    def __init__(self, base_dir: Path, port: int | None = None):
+    def __init__(self, base_dir: Path, port: int | None = None, env: dict[str, str] | None = None):
         self.base_dir = base_dir
+        self.env = env or {}  # on top of HF_HUB_OFFLINE=1 (e.g. a fake hub's HF_ENDPOINT with HF_HUB_OFFLINE=0)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base_dir / "server.log"
@@ -92,7 +93,7 @@ class ComfyServer:
         if not self.pack_link.exists():
             self.pack_link.symlink_to(REPO_ROOT, target_is_directory=True)
         python_path = os.pathsep.join(filter(None, [str(SHIMS), os.environ.get("PYTHONPATH")]))
-        env = dict(os.environ, PYTHONPATH=python_path, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = {**os.environ, "PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
         command = [
             sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base_dir),

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 from e2p_core.checkpoints import LoraPair, lora_to_kohya, save_safetensors_atomic
+from e2p_core.hub import MODEL_FILES
+from hub_support import FakeHub
 
 from .comfy_server import ComfyServer
 from .models import write_test_dit, write_test_prompt_embeddings, write_test_vae
@@ -40,6 +42,7 @@ class ComfyE2E:
     server: ComfyServer
     base_dir: Path
     start_s: float  # server start until /system_stats answered
+    hub: FakeHub  # the server's HF_ENDPOINT; it serves the test LoRA as Seq2Tri/Edit2Perceive depth_lora.safetensors
 
     @property
     def input_dir(self) -> Path:
@@ -49,16 +52,20 @@ class ComfyE2E:
 @pytest.fixture(scope="session")
 def comfy() -> Iterator[ComfyE2E]:
     base_dir = Path(tempfile.mkdtemp(prefix="e2p-e2e-comfy-"))
-    server = ComfyServer(base_dir)
-    try:
-        _write_models(base_dir / "models")
-        _write_inputs(base_dir / "input")
-        started = time.monotonic()
-        server.start()
-        yield ComfyE2E(server, base_dir, time.monotonic() - started)
-    finally:
-        server.stop()
-        shutil.rmtree(base_dir, ignore_errors=True)
+    with FakeHub() as hub:
+        server = ComfyServer(base_dir, env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+                                            "HF_HOME": str(base_dir / "hf_home")})
+        try:
+            _write_models(base_dir / "models")
+            _write_inputs(base_dir / "input")
+            lora = MODEL_FILES["depth_lora"].hub  # not in models/loras: the loader lists it as a download
+            hub.add_file(lora.repo, lora.path, lora_file_bytes(_test_lora()))
+            started = time.monotonic()
+            server.start()
+            yield ComfyE2E(server, base_dir, time.monotonic() - started, hub)
+        finally:
+            server.stop()
+            shutil.rmtree(base_dir, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -78,6 +85,12 @@ def _write_models(models: Path) -> None:
     write_test_prompt_embeddings(models / "e2p_prompts")
     save_safetensors_atomic({"not_prompt_embeds": torch.zeros(1, 4)}, models / "e2p_prompts" / BROKEN_EMBEDDINGS)
     save_safetensors_atomic(lora_to_kohya(_test_lora()), models / "loras" / TEST_LORA)
+
+
+def lora_file_bytes(pairs: dict[str, LoraPair]) -> bytes:
+    from safetensors.torch import save
+
+    return save(lora_to_kohya(pairs))
 
 
 def _test_lora(rank: int = 4) -> dict[str, LoraPair]:

@@ -23,7 +23,7 @@ from .conftest import BACKGROUND_IMAGE, BROKEN_EMBEDDINGS, ODD_IMAGE, ODD_SIZE_W
 
 PACK_NODES = {
     "E2PModelLoader", "E2PTaskConditioning", "E2PPointPrompt", "E2PPerceive", "E2PDepthOutput", "E2PNormalOutput",
-    "E2PMatteOutput", "E2PDepthAllInOne", "E2PNormalAllInOne", "E2PMattingAllInOne",
+    "E2PMatteOutput", "E2PDepthAllInOne", "E2PNormalAllInOne", "E2PMattingAllInOne", "E2PVAELoader",
 }
 SUBJECT_CLICK = {"x": 29, "y": 33}  # on the disk of the test scene (centre 0.35 W, 0.55 H of 83x61)
 

@@ -1,0 +1,70 @@
+"""Model files in the loaders' pickers: the local files, plus the known ones (``e2p_core.hub`` sources table) that are
+not on disk yet, marked as downloads with their size. Choosing one fetches it into ComfyUI's own folder
+(``models/diffusion_models``, ``loras``, ``vae``, ...; the first path ComfyUI knows for it) with a progress bar and
+Cancel, then the node loads it. A file that is present is used as it is: no network call.
+
+A table file may be named by its plain file name or by its download label, before and after it is downloaded, so a
+workflow saved either way keeps working (the loaders' ``VALIDATE_INPUTS`` accept both).
+"""
+
+from pathlib import Path
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..e2p_core.hub import MODEL_FILES, ModelFile, Store, find_local, resolve
+
+
+def comfy_store() -> Store:
+    """Every folder ComfyUI knows for a model folder (extra_model_paths.yaml included); downloads go to the first."""
+    return Store(lambda folder: [Path(path) for path in folder_paths.get_folder_paths(folder)],
+                 "ComfyUI's model folders")
+
+
+def download_label(file: ModelFile) -> str:
+    return f"{file.name} (download {file.size_text})"
+
+
+def choices(folder: str, local: list[str] | None = None) -> list[str]:
+    """The picker's list: the files in ``folder``, then the table's files for it that are not on disk yet."""
+    local = folder_paths.get_filename_list(folder) if local is None else local
+    extra = []
+    for file in _table_files(folder):
+        if file.name not in local:
+            extra.append(file.name if find_local(file, comfy_store()) else download_label(file))
+    return [*local, *extra]
+
+
+def is_known(folder: str, choice: str) -> bool:
+    """A local file of ``folder`` or a table file (plain name or download label): what a loader accepts."""
+    return choice in folder_paths.get_filename_list(folder) or _table_file(folder, choice) is not None
+
+
+def full_path(folder: str, choice: str, node_id: str | None = None) -> str:
+    """The local path of the picked file, downloading a table file that is not on disk yet.
+
+    The download drives a ComfyUI progress bar (bytes) and stops at Cancel; what arrived is kept and the next run
+    resumes it.
+    """
+    local = folder_paths.get_full_path(folder, choice)
+    if local is not None:
+        return local
+    file = _table_file(folder, choice)
+    if file is None:
+        return folder_paths.get_full_path_or_raise(folder, choice)  # ComfyUI's own "not found" error
+    progress_bar = comfy.utils.ProgressBar(file.approx_bytes, node_id=node_id)
+
+    def report(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        progress_bar.update_absolute(done, total or None)
+
+    return str(resolve(file, comfy_store(), progress=report))
+
+
+def _table_files(folder: str) -> list[ModelFile]:
+    return [file for file in MODEL_FILES.values() if file.folder == folder and file.name.endswith(".safetensors")]
+
+
+def _table_file(folder: str, choice: str) -> ModelFile | None:
+    return next((file for file in _table_files(folder) if choice in (file.name, download_label(file))), None)
