@@ -178,9 +178,9 @@ class E2PModelLoader:
         # Checked here rather than against the list, so that a known file's download label and its plain name are
         # both valid before and after it is downloaded.
         if not is_known("diffusion_models", model_name):
-            return f"{model_name!r} is not in models/diffusion_models"
+            return f"{model_name!r} is neither in models/diffusion_models nor a known download"
         if lora_name != NO_LORA and not is_known("loras", lora_name):
-            return f"{lora_name!r} is not in models/loras"
+            return f"{lora_name!r} is neither in models/loras nor a known download"
         return True
 
     def load(self, model_name: str, weight_dtype: str, lora_name: str, lora_strength: float, node_id=None):
@@ -209,7 +209,7 @@ class E2PVAELoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, vae_name: str):
-        return True if is_known("vae", vae_name) else f"{vae_name!r} is not in models/vae"
+        return True if is_known("vae", vae_name) else f"{vae_name!r} is neither in models/vae nor a known download"
 
     def load(self, vae_name: str, node_id=None):
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(full_path("vae", vae_name, node_id)))

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save
 
 from e2p_core.checkpoints import LoraPair, lora_to_kohya, save_safetensors_atomic
 from e2p_core.hub import MODEL_FILES
@@ -59,7 +60,7 @@ def comfy() -> Iterator[ComfyE2E]:
             _write_models(base_dir / "models")
             _write_inputs(base_dir / "input")
             lora = MODEL_FILES["depth_lora"].hub  # not in models/loras: the loader lists it as a download
-            hub.add_file(lora.repo, lora.path, lora_file_bytes(_test_lora()))
+            hub.add_file(lora.repo, lora.path, save(lora_to_kohya(_test_lora())))
             started = time.monotonic()
             server.start()
             yield ComfyE2E(server, base_dir, time.monotonic() - started, hub)
@@ -85,12 +86,6 @@ def _write_models(models: Path) -> None:
     write_test_prompt_embeddings(models / "e2p_prompts")
     save_safetensors_atomic({"not_prompt_embeds": torch.zeros(1, 4)}, models / "e2p_prompts" / BROKEN_EMBEDDINGS)
     save_safetensors_atomic(lora_to_kohya(_test_lora()), models / "loras" / TEST_LORA)
-
-
-def lora_file_bytes(pairs: dict[str, LoraPair]) -> bytes:
-    from safetensors.torch import save
-
-    return save(lora_to_kohya(pairs))
 
 
 def _test_lora(rank: int = 4) -> dict[str, LoraPair]:
