@@ -22,7 +22,6 @@ import gc
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,10 +29,17 @@ from typing import TYPE_CHECKING
 import safetensors
 import torch
 
-from . import text_encoders
 from .checkpoints.io import save_safetensors_atomic
 from .errors import CheckpointError, E2PError, InputError
-from .text_encoders import EncoderFiles, EncoderKind, TextEncoders, find_text_encoders
+from .text_encoders import (
+    EncoderFiles,
+    EncoderKind,
+    EncoderSource,
+    TextEncoders,
+    find_text_encoders,
+    load_encoder,
+    local_encoder_source,
+)
 
 if TYPE_CHECKING:  # for the annotations only: importing transformers at run time is deferred to the encoders
     from transformers import PreTrainedTokenizerBase
@@ -163,7 +169,7 @@ def _run_encoder(
     dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     """``output`` of one text encoder for each prompt, padded/truncated to ``max_length`` tokens."""
-    tokenizer, model = text_encoders.load_encoder(files, kind, dtype)
+    tokenizer, model = load_encoder(files, kind, dtype)
     model.to(device)
     outputs = []
     with torch.no_grad():
@@ -192,27 +198,9 @@ def _release_cached_memory(device: torch.device | str) -> None:
 # ---------------------------------------------------------------------------------------------------------- cache
 
 
-@dataclass(frozen=True)
-class EncoderSource:
-    """Text encoders that may not be on disk yet: ``identity`` keys the cache, ``locate`` finds (or fetches) them.
-
-    A cache hit needs only ``identity``, so a cached prompt never loads, finds or downloads an encoder.
-    """
-
-    identity: list
-    locate: Callable[[], TextEncoders]
-    description: str
-
-
-def local_encoder_source(text_encoders: str | Path) -> EncoderSource:
-    """The encoders in a folder (see ``find_text_encoders``), identified by their files' names, sizes and times."""
-    encoders = find_text_encoders(text_encoders)
-    return EncoderSource(encoders.identity(), lambda: encoders, str(text_encoders))
-
-
 def cached_prompt_embeddings(
     prompt: str,
-    text_encoders: "str | Path | EncoderSource",
+    text_encoders: str | Path | EncoderSource,
     cache_dir: str | Path,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,

@@ -18,6 +18,7 @@ They come in two layouts, and both load here:
 import importlib.util
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -164,6 +165,24 @@ def running_comfyui_root() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations))).parent
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """Text encoders that may not be on disk yet: ``identity`` keys the cache, ``locate`` finds (or fetches) them.
+
+    A cache hit needs only ``identity``, so a cached prompt never loads, finds or downloads an encoder.
+    """
+
+    identity: list
+    locate: Callable[[], TextEncoders]
+    description: str
+
+
+def local_encoder_source(text_encoders: str | Path) -> EncoderSource:
+    """The encoders in a folder (see ``find_text_encoders``), identified by their files' names, sizes and times."""
+    encoders = find_text_encoders(text_encoders)
+    return EncoderSource(encoders.identity(), lambda: encoders, str(text_encoders))
 
 
 # ------------------------------------------------------------------------------------------------------- loading

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from e2p_core import text_encoders
+from e2p_core import prompts, text_encoders
 from e2p_core.errors import CheckpointError, E2PError
 from e2p_core.prompts import CLIP_MAX_LENGTH, T5_MAX_LENGTH, cached_prompt_embeddings, tokenize
 from e2p_core.tasks import TASKS
@@ -300,14 +300,14 @@ def test_comfyui_files_are_encoded_once_freed_then_read_from_the_cache(
     comfy_encoders: TinyComfyEncoders, tmp_path: Path, monkeypatch
 ) -> None:
     loads: list[weakref.ref] = []
-    real_load = text_encoders.load_encoder
+    real_load = prompts.load_encoder
 
     def counting_load(files, kind, dtype):
         tokenizer, model = real_load(files, kind, dtype)
         loads.append(weakref.ref(model))
         return tokenizer, model
 
-    monkeypatch.setattr(text_encoders, "load_encoder", counting_load)
+    monkeypatch.setattr(prompts, "load_encoder", counting_load)
     cache = tmp_path / "cache"
     first = cached_prompt_embeddings(DEPTH, comfy_encoders.root, cache)
     expected_embeds, expected_pooled = comfy_encoders.expected(DEPTH)
