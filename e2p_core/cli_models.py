@@ -10,9 +10,10 @@ import torch
 from .backends.base import Denoiser, LatentCodec
 from .backends.memory import MEMORY_MODES
 from .errors import InputError
-from .hub.command import add_source_arguments, fill_model_paths
+from .hub.command import add_source_arguments, fill_model_paths, store_from_args
 from .prompts import PromptEmbeddings, cached_prompt_embeddings, load_prompt_embeddings
 from .tasks import MATTING_PROMPT_INFERENCE_PY, TASKS
+from .text_encoders import automatic_encoder_source, local_encoder_source
 from .time_embedding import AUTO, TIME_EMBEDDING_CHOICES, TIME_EMBEDDING_HELP
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -30,7 +31,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                       "disk or the hub)")
     parser.add_argument("--vae-config", help="diffusers-style config.json for a non-standard VAE")
     parser.add_argument("--prompt-embeds",
-                        help="safetensors with prompt_embeds [1,L,D] and pooled_prompt_embeds [1,P] (embed-prompts)")
+                        help="safetensors with prompt_embeds [1,L,D] and pooled_prompt_embeds [1,P] (embed-prompts); "
+                             "default: the task prompt from --cache-dir, else encoded once with --text-encoders or "
+                             "the text encoders on disk (--comfyui, --models-dir, HF cache) or from the hub")
     parser.add_argument("--text-encoders", help="instead of --prompt-embeds: a diffusers FLUX folder, a ComfyUI "
                                                 "models/text_encoders folder (clip_l + t5xxl_fp16) or a ComfyUI "
                                                 "folder; the encoding is cached")
@@ -61,13 +64,15 @@ def prompt_text(task: str, matting_prompt: str) -> str:
 
 
 def prompt_embeddings(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
-    """The task prompt from ``--prompt-embeds``, or encoded with ``--text-encoders`` through the on-disk cache."""
+    """The task prompt from ``--prompt-embeds``, else from the cache in ``--cache-dir``, else encoded once (and
+    cached) with ``--text-encoders`` or the text encoders on disk or from the hub (``automatic_encoder_source``)."""
     if args.prompt_embeds:
         return load_prompt_embeddings(args.prompt_embeds).to(device, dtype)
-    if not args.text_encoders:
-        raise InputError("give --prompt-embeds FILE (see `embed-prompts`) or --text-encoders FOLDER")
-    return cached_prompt_embeddings(prompt_text(args.task, args.matting_prompt), args.text_encoders, args.cache_dir,
-                                    device, dtype)
+    if args.text_encoders:
+        source = local_encoder_source(args.text_encoders)
+    else:
+        source = automatic_encoder_source(store_from_args(args))
+    return cached_prompt_embeddings(prompt_text(args.task, args.matting_prompt), source, args.cache_dir, device, dtype)
 
 
 def lora_arg(spec: str) -> tuple[str, float]:

@@ -28,6 +28,8 @@ import torch
 
 from .checkpoints.io import FP8_DROPPED_KEY, FP8_SCALE_SUFFIXES, dequantize, load_state_dict
 from .errors import CheckpointError, E2PError
+from .hub import TEXT_ENCODER_KEYS, TOKENIZER_KEYS, Store, find_local, model_file, resolve_all
+from .hub.sources import TEXT_ENCODERS_REPO
 
 if TYPE_CHECKING:  # annotations only: transformers is imported when an encoder is loaded
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -183,6 +185,39 @@ def local_encoder_source(text_encoders: str | Path) -> EncoderSource:
     """The encoders in a folder (see ``find_text_encoders``), identified by their files' names, sizes and times."""
     encoders = find_text_encoders(text_encoders)
     return EncoderSource(encoders.identity(), lambda: encoders, str(text_encoders))
+
+
+def hub_encoder_source(store: Store) -> EncoderSource:
+    """The sources table's encoders (clip_l + t5xxl_fp16 of comfyanonymous/flux_text_encoders, FLUX's tokenizers),
+    identified by their hub names: ``locate`` finds them in ``store`` or the Hugging Face cache, else downloads them."""
+
+    def locate() -> TextEncoders:
+        paths = resolve_all(TEXT_ENCODER_KEYS, store)
+        clip_tokenizer, t5_tokenizer = (paths[TOKENIZER_KEYS[group][0]].parent
+                                        for group in ("clip_tokenizer", "t5_tokenizer"))
+        return TextEncoders(EncoderFiles(paths["clip_l"], clip_tokenizer), EncoderFiles(paths["t5xxl_fp16"],
+                                                                                         t5_tokenizer))
+
+    identity = [[key, model_file(key).hub.repo, model_file(key).hub.path, model_file(key).hub.revision]
+                for key in TEXT_ENCODER_KEYS]
+    return EncoderSource(identity, locate, f"{TEXT_ENCODERS_REPO} ({store.description})")
+
+
+def automatic_encoder_source(store: Store = Store()) -> EncoderSource:
+    """The encoders to use when none were named: the table's files when all are on disk (in ``store`` or the Hugging
+    Face cache), else whatever encoders the store's text_encoders folders hold (a ComfyUI install's, fp8 T5 included,
+    with ComfyUI's tokenizers), else the table's files, downloaded when the prompt is not cached yet.
+
+    Files downloaded on a first run are found by the first rule on the next, so the cache entry stays the same.
+    """
+    if all(find_local(key, store) for key in TEXT_ENCODER_KEYS):
+        return hub_encoder_source(store)
+    for folder in store.search_dirs(model_file("clip_l")):
+        try:
+            return local_encoder_source(folder)
+        except CheckpointError:  # no (complete) set there: the hub fills the gaps
+            continue
+    return hub_encoder_source(store)
 
 
 # ------------------------------------------------------------------------------------------------------- loading

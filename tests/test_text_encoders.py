@@ -1,19 +1,13 @@
 """Tests of e2p_core.text_encoders: the real tokenizers feed the reference token ids, ComfyUI single-file CLIP-L / T5
 (fp16, fp8, scaled fp8) load through the shape-derived configs, and the prompt cache runs the encoders once.
 
-The tokenizers are the REAL ones ComfyUI ships (``comfy/sd1_tokenizer``, ``comfy/text_encoders/t5_tokenizer`` of the
-ComfyUI 0.3.75 tree that tests/e2e/install.sh installs). The expected ids are derived here without transformers or
-tokenizers: OpenAI CLIP's byte-pair merges read from ``vocab.json`` + ``merges.txt``, and T5's unigram segmentation
-(the highest total score) read from ``tokenizer.json``. The tiny encoders are written in ComfyUI's single-file naming
-and checked against the in-memory transformers models they were saved from.
+The tokenizers are the REAL ones ComfyUI ships; the expected ids are derived by hand (tests/text_encoder_support). The
+tiny encoders are written in ComfyUI's single-file naming and checked against the in-memory transformers models they
+were saved from.
 """
 
-import json
-import math
-import shutil
 import sys
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,65 +26,18 @@ from e2p_core.text_encoders import (
     load_tokenizer,
     t5_config,
 )
-from tests.comfy_support import comfy_root
+from text_encoder_support import (
+    COMFY_CLIP_TOKENIZER,
+    COMFY_T5_TOKENIZER,
+    TinyComfyEncoders,
+    build_tiny_comfy_encoders,
+    clip_bpe_tokens,
+    comfy_t5_state,
+    reference_ids,
+    t5_unigram_pieces,
+)
 
-COMFY_CLIP_TOKENIZER = comfy_root() / "comfy" / "sd1_tokenizer"
-COMFY_T5_TOKENIZER = comfy_root() / "comfy" / "text_encoders" / "t5_tokenizer"
 DEPTH = TASKS["depth"].prompt
-
-
-# --------------------------------------------------------------------------------- reference tokenization, by hand
-
-
-def clip_bpe_tokens(prompt: str) -> list[str]:
-    """OpenAI CLIP's BPE: lower-cased words, the last character marked ``</w>``, lowest-rank merges first."""
-    lines = (COMFY_CLIP_TOKENIZER / "merges.txt").read_text(encoding="utf-8").splitlines()
-    ranks = {tuple(line.split()): rank for rank, line in enumerate(lines[1:])}  # line 0 is "#version: ..."
-    tokens = []
-    for word in prompt.lower().split():
-        parts = [*word[:-1], word[-1] + "</w>"]
-        while len(parts) > 1:
-            pairs = [(ranks.get(pair, math.inf), index) for index, pair in enumerate(zip(parts, parts[1:]))]
-            rank, index = min(pairs)
-            if rank == math.inf:
-                break
-            parts[index:index + 2] = [parts[index] + parts[index + 1]]
-        tokens += parts
-    return tokens
-
-
-def t5_unigram_pieces(prompt: str) -> list[str]:
-    """SentencePiece unigram: each word with its "▁" prefix split into the pieces of highest total log-probability."""
-    vocab = json.loads((COMFY_T5_TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
-    scores = {piece: score for piece, score in vocab}
-    pieces = []
-    for word in ("▁" + word for word in prompt.split()):
-        best = [(0.0, [])] + [(-math.inf, [])] * len(word)  # best[i]: (score, pieces) of word[:i]
-        for end in range(1, len(word) + 1):
-            for start in range(end):
-                piece = word[start:end]
-                if piece in scores and best[start][0] + scores[piece] > best[end][0]:
-                    best[end] = (best[start][0] + scores[piece], best[start][1] + [piece])
-        pieces += best[-1][1]
-    return pieces
-
-
-@dataclass
-class ReferenceIds:
-    clip: list[int]  # 77
-    t5: list[int]  # 512
-
-
-def reference_ids(prompt: str) -> ReferenceIds:
-    """The ids the official pipeline feeds (E2P-SPEC §1.2): CLIP <start> tokens <end>, padded to 77 with <end> (FLUX's
-    CLIP pad token); T5 tokens </s>, padded to 512 with <pad>."""
-    clip_vocab = json.loads((COMFY_CLIP_TOKENIZER / "vocab.json").read_text(encoding="utf-8"))
-    start, end = clip_vocab["<|startoftext|>"], clip_vocab["<|endoftext|>"]
-    clip = [start, *(clip_vocab[token] for token in clip_bpe_tokens(prompt)), end]
-    t5_vocab = {piece: index for index, (piece, _) in enumerate(
-        json.loads((COMFY_T5_TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])}
-    t5 = [*(t5_vocab[piece] for piece in t5_unigram_pieces(prompt)), t5_vocab["</s>"]]
-    return ReferenceIds(clip + [end] * (77 - len(clip)), t5 + [t5_vocab["<pad>"]] * (512 - len(t5)))
 
 
 def test_the_hand_derivation_reads_the_vocabularies_as_expected() -> None:
@@ -157,63 +104,9 @@ def test_a_t5_without_the_gated_feed_forward_is_refused() -> None:
 # ------------------------------------------------------------------------------ tiny encoders as ComfyUI files
 
 
-@dataclass
-class TinyComfyEncoders:
-    root: Path  # a ComfyUI checkout: comfy/<tokenizers>, models/text_encoders/<files>
-    clip: torch.nn.Module
-    t5: torch.nn.Module
-
-    @property
-    def folder(self) -> Path:
-        return self.root / "models" / "text_encoders"
-
-    def expected(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds [1, 512, D], pooled [1, P]) from the reference ids and the in-memory models."""
-        ids = reference_ids(prompt)
-        with torch.no_grad():
-            clip_hidden = self.clip(input_ids=torch.tensor([ids.clip])).last_hidden_state  # [1, 77, P]
-            t5_hidden = self.t5(input_ids=torch.tensor([ids.t5])).last_hidden_state  # [1, 512, D]
-        return t5_hidden, clip_hidden[:, ids.clip.index(49407)]  # pooled at the first <|endoftext|>
-
-
-def _fp16_rounded(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with the weights a fp16 file holds (what it computes after loading in fp32)."""
-    return model.half().float().eval()
-
-
-def _comfy_clip_state(clip: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """ComfyUI's clip_l.safetensors naming: ``text_model.*`` plus the (unused) projection and logit scale."""
-    state = {"text_model." + key.removeprefix("text_model."): value.half() for key, value in clip.state_dict().items()
-             if "position_ids" not in key}
-    hidden = clip.config.hidden_size
-    return {**state, "text_projection.weight": torch.eye(hidden).half(), "logit_scale": torch.tensor(4.6052)}
-
-
-def _comfy_t5_state(t5: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """ComfyUI's t5xxl_fp16.safetensors naming: ``shared.weight`` once, ``encoder.*``."""
-    return {key: value.half() for key, value in t5.state_dict().items() if key != "encoder.embed_tokens.weight"}
-
-
 @pytest.fixture(scope="session")
 def comfy_encoders(tmp_path_factory: pytest.TempPathFactory) -> TinyComfyEncoders:
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    root = tmp_path_factory.mktemp("ComfyUI")
-    for kind, tokenizer in (("clip", COMFY_CLIP_TOKENIZER), ("t5", COMFY_T5_TOKENIZER)):
-        shutil.copytree(tokenizer, root / text_encoders.COMFY_TOKENIZER_DIRS[kind])
-    folder = root / "models" / "text_encoders"
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)  # CLIP with the real vocabulary, 2 heads of 64, 2 layers
-    clip = _fp16_rounded(CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-        pad_token_id=49407)))
-    save_file(_comfy_clip_state(clip), str(folder / "clip_l.safetensors"))
-    torch.manual_seed(1)  # T5 v1.1 with the real vocabulary, 4 heads of 8, 2 blocks
-    t5 = _fp16_rounded(T5EncoderModel(T5Config(
-        vocab_size=32128, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2, feed_forward_proj="gated-gelu")))
-    save_file(_comfy_t5_state(t5), str(folder / "t5xxl_fp16.safetensors"))
-    return TinyComfyEncoders(root, clip, t5)
+    return build_tiny_comfy_encoders(tmp_path_factory.mktemp("ComfyUI"), clip_width=128, t5_width=32)
 
 
 def test_a_comfyui_root_finds_the_single_files_and_comfyuis_tokenizers(comfy_encoders: TinyComfyEncoders) -> None:
@@ -240,7 +133,7 @@ def test_single_files_load_to_the_models_they_were_saved_from(comfy_encoders: Ti
 
 
 def test_fp8_and_scaled_fp8_t5_files_dequantise(comfy_encoders: TinyComfyEncoders, tmp_path: Path) -> None:
-    state = _comfy_t5_state(comfy_encoders.t5)
+    state = comfy_t5_state(comfy_encoders.t5)
     linear = "encoder.block.0.layer.0.SelfAttention.q.weight"
     plain = {key: value.to(torch.float8_e4m3fn) if value.ndim == 2 else value for key, value in state.items()}
     scaled = dict(plain, **{linear: (state[linear].float() / 0.01).to(torch.float8_e4m3fn),
