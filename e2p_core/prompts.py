@@ -165,8 +165,8 @@ def encode_prompts(
 
 
 def _run_encoder(
-    files: EncoderFiles, kind: EncoderKind, max_length: int, output: str, prompts: list[str], device: torch.device | str,
-    dtype: torch.dtype,
+    files: EncoderFiles, kind: EncoderKind, max_length: int, output: str, prompts: list[str],
+    device: torch.device | str, dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     """``output`` of one text encoder for each prompt, padded/truncated to ``max_length`` tokens."""
     tokenizer, model = load_encoder(files, kind, dtype)

@@ -18,14 +18,15 @@ from safetensors.torch import load_file, save_file
 
 from comfy_support import comfy_root
 from conftest import FIXTURES, load_run
-from e2p_core import cli_models, prompts, text_encoders
+from e2p_core import cli_models, text_encoders
 from e2p_core.cli import build_parser, main
 from e2p_core.errors import HubError
 from e2p_core.hub import MODEL_FILES, TOKENIZER_KEYS
 from e2p_core.prompts import PromptEmbeddings, save_prompt_embeddings
 from e2p_core.tasks import TASKS
 from hub_support import FakeHub, hub_environment, serve_tiny_models, serve_tokenizers
-from text_encoder_support import TinyComfyEncoders, build_tiny_comfy_encoders, comfy_t5_state, reference_ids
+from text_encoder_support import (TinyComfyEncoders, build_tiny_comfy_encoders, comfy_t5_state, count_encoder_loads,
+                                  reference_ids)
 
 DEPTH = TASKS["depth"].prompt
 TOKEN = "hf_granted"
@@ -55,17 +56,7 @@ def hub(monkeypatch, tmp_path, encoders):
 
 @pytest.fixture
 def encoder_loads(monkeypatch) -> list[weakref.ref]:
-    """A weak reference to every text encoder model loaded (to count loads and check that each is freed)."""
-    loads = []
-    real_load = prompts.load_encoder
-
-    def counting_load(files, kind, dtype):
-        tokenizer, model = real_load(files, kind, dtype)
-        loads.append(weakref.ref(model))
-        return tokenizer, model
-
-    monkeypatch.setattr(prompts, "load_encoder", counting_load)
-    return loads
+    return count_encoder_loads(monkeypatch)
 
 
 def downloaded_names(hub: FakeHub) -> set[str]:

@@ -7,14 +7,13 @@ were saved from.
 """
 
 import sys
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from e2p_core import prompts, text_encoders
+from e2p_core import text_encoders
 from e2p_core.errors import CheckpointError, E2PError
 from e2p_core.prompts import CLIP_MAX_LENGTH, T5_MAX_LENGTH, cached_prompt_embeddings, tokenize
 from e2p_core.tasks import TASKS
@@ -33,6 +32,7 @@ from text_encoder_support import (
     build_tiny_comfy_encoders,
     clip_bpe_tokens,
     comfy_t5_state,
+    count_encoder_loads,
     reference_ids,
     t5_unigram_pieces,
 )
@@ -192,15 +192,7 @@ def test_missing_transformers_names_the_text_extra(monkeypatch) -> None:
 def test_comfyui_files_are_encoded_once_freed_then_read_from_the_cache(
     comfy_encoders: TinyComfyEncoders, tmp_path: Path, monkeypatch
 ) -> None:
-    loads: list[weakref.ref] = []
-    real_load = prompts.load_encoder
-
-    def counting_load(files, kind, dtype):
-        tokenizer, model = real_load(files, kind, dtype)
-        loads.append(weakref.ref(model))
-        return tokenizer, model
-
-    monkeypatch.setattr(prompts, "load_encoder", counting_load)
+    loads = count_encoder_loads(monkeypatch)
     cache = tmp_path / "cache"
     first = cached_prompt_embeddings(DEPTH, comfy_encoders.root, cache)
     expected_embeds, expected_pooled = comfy_encoders.expected(DEPTH)

@@ -9,6 +9,7 @@ of ComfyUI's ``comfy/sd1_tokenizer`` and ``comfy/text_encoders/t5_tokenizer`` (i
 import json
 import math
 import shutil
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_support import comfy_root
+from e2p_core import prompts
 from e2p_core.text_encoders import COMFY_TOKENIZER_DIRS
 
 COMFY_CLIP_TOKENIZER = comfy_root() / COMFY_TOKENIZER_DIRS["clip"]
@@ -132,6 +134,22 @@ def build_tiny_comfy_encoders(root: Path, clip_width: int, t5_width: int) -> Tin
     save_file(_comfy_clip_state(clip), str(folder / "clip_l.safetensors"))
     torch.manual_seed(1)
     t5 = _fp16_rounded(T5EncoderModel(T5Config(
-        vocab_size=32128, d_model=t5_width, d_kv=8, num_heads=4, d_ff=48, num_layers=2, feed_forward_proj="gated-gelu")))
+        vocab_size=32128, d_model=t5_width, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+        feed_forward_proj="gated-gelu")))
     save_file(comfy_t5_state(t5), str(folder / "t5xxl_fp16.safetensors"))
     return TinyComfyEncoders(root, clip, t5)
+
+
+def count_encoder_loads(monkeypatch) -> list[weakref.ref]:
+    """A weak reference to every text encoder model the prompt encoding loads from now on (to count the loads and
+    to check that each model is freed)."""
+    loads = []
+    real_load = prompts.load_encoder
+
+    def counting_load(files, kind, dtype):
+        tokenizer, model = real_load(files, kind, dtype)
+        loads.append(weakref.ref(model))
+        return tokenizer, model
+
+    monkeypatch.setattr(prompts, "load_encoder", counting_load)
+    return loads
