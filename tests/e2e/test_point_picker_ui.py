@@ -75,6 +75,31 @@ async (swaps) => {
 }
 """
 
+# Unlink the node's image input and read the picker's status once it has redrawn; link it back.
+_UNLINKED_STATUS_JS = r"""
+async () => {
+  const node = %s;
+  const upstream = node.getInputNode(0);
+  node.disconnectInput(0);
+  app.canvas.setDirty(true, true);
+  await new Promise(resolve => setTimeout(resolve, 500));
+  const status = node.widgets.find(w => w.name === 'point_picker').element
+    .querySelector('.e2p-picker-status').textContent;
+  upstream.connect(0, node, 0);
+  return status;
+}
+""" % _NODE_JS
+
+_TYPE_POINTS_JS = r"""
+async (text) => {
+  const node = %s;
+  node.widgets.find(w => w.name === 'coords_space').value = 'auto';
+  node.widgets.find(w => w.name === 'positive_coords').value = text;
+  app.canvas.setDirty(true, true);
+  await new Promise(resolve => setTimeout(resolve, 500));
+}
+""" % _NODE_JS
+
 
 def screen_point(view: dict, point: tuple[float, float]) -> tuple[float, float]:
     """Client pixels of a normalized picture point, for the picture drawn whole and centred in the picker."""
@@ -142,6 +167,8 @@ def test_points_clicked_on_the_picture_reach_the_model_and_survive_a_reload(comf
     glow = np.asarray(Image.open(io.BytesIO(comfy.server.get_bytes(f"/e2p/point_map?{glow_query}"))))
     assert np.abs(glow / 255 - point_map).max() <= 1.5 / 255  # 8-bit: the route rounds, the preview truncates
     assert entry["outputs"][point_id]["e2p_picture"][0]["width"] == ODD_SIZE_WH[0]  # the picture of the run
+    # Without its Load Image the node shows the picture of that run.
+    assert page.evaluate(_UNLINKED_STATUS_JS).startswith("83×61")
 
     # Saved and reopened: the same text, nothing of the picker in the file, the points drawn where they were
     # clicked, also zoomed in on a larger node.
@@ -160,6 +187,12 @@ def test_points_clicked_on_the_picture_reach_the_model_and_survive_a_reload(comf
     # A click on a point removes it; the other stays.
     page.mouse.click(*screen_point(view, points[0]))
     assert read_points(page.evaluate(_POINTS_JS)) == points[1:]
+
+    # Typed pixel coordinates, read as 'auto' reads them (beyond 0..1: pixels), are drawn on the same pixel.
+    page.evaluate(_TYPE_POINTS_JS, '[{"x": 62, "y": 30}]')
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot(type="png"))).convert("RGB")).astype(int)
+    x, y = (round(value) for value in screen_point(view, (62 / ODD_SIZE_WH[0], 30 / ODD_SIZE_WH[1])))
+    assert np.abs(shot[y, x] - MARKER_RGB).max() <= 40, f"no point marker at pixel (62, 30): {shot[y, x]}"
 
 
 def _preview_of(prompt: dict, point_id: str) -> str:
