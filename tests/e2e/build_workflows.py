@@ -27,15 +27,17 @@ from typing import Any
 
 from PIL import Image
 
+from e2p_core.hub import MODEL_FILES
+
 from .comfy_server import REPO_ROOT, ComfyServer
 from .frontend import Frontend
 from .pictures import background, scene
 
-KONTEXT = "flux1-kontext-dev.safetensors"
-FLUX_VAE = "ae.safetensors"
+KONTEXT = MODEL_FILES["kontext"].name
+FLUX_VAE = MODEL_FILES["vae"].name
 FLUX_DEV = "flux1-dev.safetensors"
-CLIP_L, T5XXL = "clip_l.safetensors", "t5xxl_fp16.safetensors"
-LORAS = {task: f"edit2perceive_{task}_lora.safetensors" for task in ("depth", "normal", "matting")}
+CLIP_L, T5XXL = MODEL_FILES["clip_l"].name, MODEL_FILES["t5xxl_fp16"].name
+LORAS = {task: MODEL_FILES[f"{task}_lora"].name for task in ("depth", "normal", "matting")}  # as released
 CONTROLNETS = {"depth": "jasperai_flux.1-dev-controlnet-depth.safetensors",
                "normal": "jasperai_flux.1-dev-controlnet-surface-normals.safetensors"}
 EXAMPLE_IMAGE, BACKGROUND_IMAGE = "e2p_example.png", "e2p_background.png"
@@ -69,7 +71,13 @@ MODELS_NOTE = (
     f"**Models** (ComfyUI `models/` folders): `diffusion_models/{KONTEXT}`, `loras/` the Edit2Perceive task LoRA "
     f"(released in kohya naming; any naming the pack knows works), `vae/{FLUX_VAE}`, and the task prompt embeddings "
     "`e2p_prompts/<task>.safetensors` made once with `python -m e2p_core embed-prompts --out-dir models/e2p_prompts` "
-    "(or connect a DualCLIPLoader to the conditioning's `clip` input: the prompt is encoded once and cached)."
+    "(or connect a DualCLIPLoader to the conditioning's `clip` input: the prompt is encoded once and cached).\n\n"
+    "**Downloads**: the Edit2Perceive loaders fetch what is missing when the workflow first runs, from the Hugging "
+    f"Face hub into those folders: `{KONTEXT}` {MODEL_FILES['kontext'].size_text} (gated: accept the licence on "
+    f"huggingface.co/{MODEL_FILES['kontext'].hub.repo} and start ComfyUI with your `HF_TOKEN`), the task LoRA "
+    f"{MODEL_FILES['depth_lora'].size_text} ({MODEL_FILES['depth_lora'].hub.repo}), `{FLUX_VAE}` "
+    f"{MODEL_FILES['vae'].size_text}. Or ahead of time: `python -m e2p_core download --task <task> --comfyui "
+    "<ComfyUI folder>`."
 )
 
 
@@ -82,7 +90,7 @@ def _perceive_chain(task: str, lora: str) -> list[Node]:
         Node("image", "LoadImage", 0, {"image": EXAMPLE_IMAGE}, size=LOAD_IMAGE_SIZE),
         Node("model", "E2PModelLoader", 0, {"model_name": KONTEXT, "weight_dtype": "default", "lora_name": lora,
                                              "lora_strength": 1.0}),
-        Node("vae", "VAELoader", 0, {"vae_name": FLUX_VAE}),
+        Node("vae", "E2PVAELoader", 0, {"vae_name": FLUX_VAE}),
         Node("conditioning", "E2PTaskConditioning", 1, {"task": task, "embeddings": "auto"}),
         Node("perceive", "E2PPerceive", 2, {"steps": 1, "seed": 42, "resize_mode": "aligned", "resolution": 768,
                                             "chunk_size": 4, "time_embedding": "auto"}),
@@ -184,13 +192,15 @@ def all_tasks_workflow() -> Workflow:
     """Depth, normals and a matte of one image with the all-in-one nodes; one base model, three core LoRA loaders."""
     common = {"embeddings": "auto", "resolution": 768}
     note = ("# Edit2Perceive: all three tasks from one image\n\n" + MODELS_NOTE + "\n\nOne base model, the three "
-            "task LoRAs applied by core *LoraLoaderModelOnly* nodes (ComfyUI shares the base weights). The "
+            "task LoRAs applied by core *LoraLoaderModelOnly* nodes (ComfyUI shares the base weights); core "
+            "loaders do not download: fetch the three LoRAs first with `python -m e2p_core download --task all "
+            f"--comfyui <ComfyUI folder>` (3 \u00d7 {MODEL_FILES['depth_lora'].size_text}). The "
             "all-in-one nodes run one step with seed 42 at 768 px and return the input's size.")
     nodes = [
         Node("image", "LoadImage", 0, {"image": EXAMPLE_IMAGE}, size=LOAD_IMAGE_SIZE),
         Node("model", "E2PModelLoader", 0, {"model_name": KONTEXT, "weight_dtype": "default", "lora_name": "none",
                                              "lora_strength": 1.0}),
-        Node("vae", "VAELoader", 0, {"vae_name": FLUX_VAE}),
+        Node("vae", "E2PVAELoader", 0, {"vae_name": FLUX_VAE}),
         *(Node(f"lora_{task}", "LoraLoaderModelOnly", 1, {"lora_name": LORAS[task], "strength_model": 1.0})
           for task in ("depth", "normal", "matting")),
         Node("depth", "E2PDepthAllInOne", 2, {**common, "polarity": "near_white", "normalization": "none"}),

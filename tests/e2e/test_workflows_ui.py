@@ -6,7 +6,7 @@ A workflow must load with no missing node types and no frontend alert (e.g. a sc
 * swapped for test files (the graph is unchanged, only these widget values are):
   - E2PModelLoader ``model_name``: FLUX.1 Kontext [dev] (24 GB) -> the test DiT with the same Flux layout;
   - E2PModelLoader / LoraLoaderModelOnly ``lora_name``: the released task LoRAs -> the test kohya LoRA;
-  - VAELoader ``vae_name``: the Flux ``ae.safetensors`` -> the test VAE (full Flux VAE layout, random weights);
+  - E2PVAELoader ``vae_name``: the Flux ``ae.safetensors`` -> the test VAE (full Flux VAE layout, random weights);
   - ``resolution`` of E2PPerceive and the all-in-one nodes: 768 -> 128, only for CPU time;
   - the LoadImage files ``e2p_example.png`` / ``e2p_background.png`` are the test's pictures under those names;
 * not swapped, because no test file can stand in for them here: FLUX.1 [dev] (UNETLoader), its CLIP-L and T5-XXL
@@ -33,7 +33,7 @@ SWAPS = {
     ("E2PModelLoader", "model_name"): TEST_DIT,
     ("E2PModelLoader", "lora_name"): TEST_LORA,
     ("LoraLoaderModelOnly", "lora_name"): TEST_LORA,
-    ("VAELoader", "vae_name"): TEST_VAE,
+    ("E2PVAELoader", "vae_name"): TEST_VAE,
     ("E2PPerceive", "resolution"): 128,
     ("E2PDepthAllInOne", "resolution"): 128,
     ("E2PNormalAllInOne", "resolution"): 128,
