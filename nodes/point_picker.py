@@ -59,11 +59,13 @@ def point_map_png(query: Mapping[str, str]) -> bytes:
 
 def _int_param(query: Mapping[str, str], name: str, default: int | None = None) -> int:
     text = query.get(name)
-    if text is None and default is not None:
+    if text is None:
+        if default is None:
+            raise InputError(f"{name} is missing; expected an integer number of pixels")
         return default
     try:
         return int(text)
-    except (TypeError, ValueError):
+    except ValueError:
         raise InputError(f"{name} is {text!r}; expected an integer number of pixels") from None
 
 

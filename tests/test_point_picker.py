@@ -6,6 +6,7 @@ The picker in the browser is tested in the real frontend by tests/e2e/test_point
 
 import asyncio
 import io
+import json
 import re
 import sys
 import types
@@ -14,6 +15,9 @@ import numpy as np
 import pytest
 import torch
 from comfy_support import REPO, load_pack
+from fuzz_support import POINT_TEXTS, parses_or_user_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 pack = load_pack()
@@ -58,7 +62,7 @@ def test_the_point_map_is_the_pipelines_at_the_perceive_nodes_processing_size():
 
 
 @pytest.mark.parametrize("query, message", [
-    ({"points": "[[0.5, 0.5]]", "height": "96"}, "width is None; expected an integer"),
+    ({"points": "[[0.5, 0.5]]", "height": "96"}, "width is missing; expected an integer"),
     ({"points": "[[0.5, 0.5]]", "width": "12x", "height": "96"}, "width is '12x'"),
     ({"points": "[[0.5, 0.5]]", "width": "8", "height": "96"}, "at least 16x16"),
     ({"points": "[[200, 10]]", "width": "128", "height": "96"}, "outside the 128x96 image"),
@@ -69,6 +73,37 @@ def test_the_point_map_is_the_pipelines_at_the_perceive_nodes_processing_size():
 def test_bad_point_map_queries_are_input_errors(query, message):
     with pytest.raises(InputError, match=re.escape(message)):
         point_picker.point_map_png(query)
+
+
+# Query values as a browser could send them. Junk (any text, any point JSON) must end in an InputError; well-formed
+# queries (small sizes: the map is computed for real) must give a map of the processing size.
+ANY_VALUE = st.one_of(st.none(), st.text(max_size=8), st.integers(-20, 300).map(str),
+                      st.sampled_from(["0", "64", "auto", "pixels", "normalized", "app", "clicks", "mask", "aligned",
+                                       "reference", "4097", "1e3"]))
+CLICKS = st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), max_size=4).map(
+    lambda points: json.dumps([{"x": x, "y": y} for x, y in points]))
+
+
+@settings(max_examples=40)
+@given(points=POINT_TEXTS | st.none(), width=ANY_VALUE, height=ANY_VALUE, resolution=ANY_VALUE,
+       coords_space=ANY_VALUE, mode=ANY_VALUE, resize_mode=ANY_VALUE)
+def test_any_point_map_query_is_a_map_or_an_input_error(**values):
+    query = {name: value for name, value in values.items() if value is not None}
+    png = parses_or_user_error(point_picker.point_map_png, query)
+    if png is not None:
+        point_map = decode(png)
+        assert point_map.ndim == 2 and point_map.dtype == np.uint8 and min(point_map.shape) >= 1
+
+
+@settings(max_examples=20)
+@given(points=CLICKS, width=st.integers(16, 200), height=st.integers(16, 200), resolution=st.sampled_from([0, 64, 96]),
+       resize_mode=st.sampled_from(["aligned", "reference"]), mode=st.sampled_from(["app", "clicks"]))
+def test_well_formed_point_map_queries_give_the_processing_size(points, width, height, resolution, resize_mode,
+                                                                 mode):
+    query = {"points": points, "coords_space": "normalized", "mode": mode, "width": str(width),
+             "height": str(height), "resolution": str(resolution), "resize_mode": resize_mode}
+    geometry = plan_geometry((height, width), resize_mode, "native" if resolution == 0 else resolution)
+    assert decode(point_picker.point_map_png(query)).shape == geometry.resized_hw
 
 
 def test_the_route_answers_a_png_or_a_400_with_the_message():
