@@ -3,7 +3,8 @@
 A user's session, in headless Chromium against the session's real server: open the matting workflow, clear its
 points with the node's button, click two points on the picture inside the node, check the text widget and the API
 prompt the Queue button sends, queue it from the page on the test model, save and reload the workflow, zoom the
-graph and resize the node, find the points drawn at the same places on screen, remove one by clicking it.
+graph and resize the node, find the points drawn at the same places on screen, remove one by clicking it and the
+other by a right-click.
 
 The point map the model received is observed through the workflow itself: the perceive node runs at the image's
 own size (resolution 0), where the map the pipeline feeds the model and the point node's preview MASK (saved by the
@@ -187,6 +188,8 @@ def test_points_clicked_on_the_picture_reach_the_model_and_survive_a_reload(comf
     # A click on a point removes it; the other stays.
     page.mouse.click(*screen_point(view, points[0]))
     assert read_points(page.evaluate(_POINTS_JS)) == points[1:]
+    page.mouse.click(*screen_point(view, points[1]), button="right")  # so does a right-click
+    assert page.evaluate(_POINTS_JS) == "[]"
 
     # Typed pixel coordinates, read as 'auto' reads them (beyond 0..1: pixels), are drawn on the same pixel.
     page.evaluate(_TYPE_POINTS_JS, '[{"x": 62, "y": 30}]')
