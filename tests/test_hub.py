@@ -15,8 +15,7 @@ from e2p_core.errors import HubError
 from e2p_core.hub import MODEL_FILES, TOKENIZER_KEYS, Store, find_local, resolve, resolve_all, task_model_keys
 from e2p_core.hub import fetch as fetch_module
 from comfy_support import comfy_root
-from hub_support import (CHUNK_BYTES, FIXTURES, TINY_STAND_INS, FakeHub, hub_environment, serve_tiny_models,
-                         serve_tokenizers)
+from hub_support import CHUNK_BYTES, FIXTURES, TINY_STAND_INS, serve_tokenizers, tiny_model_hub
 
 KONTEXT, LORA, VAE = (MODEL_FILES[key] for key in ("kontext", "depth_lora", "vae"))
 TOKEN = "hf_granted"
@@ -24,9 +23,7 @@ TOKEN = "hf_granted"
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    with FakeHub() as fake:
-        serve_tiny_models(fake)
-        hub_environment(monkeypatch, fake, tmp_path / "hf_home")
+    with tiny_model_hub(monkeypatch, tmp_path / "hf_home") as fake:
         yield fake
 
 
@@ -65,7 +62,8 @@ def test_comfyui_store_puts_files_in_their_model_folders(hub, tmp_path, monkeypa
     paths = resolve_all(task_model_keys("depth"), Store.comfyui(tmp_path / "ComfyUI"))
     models = tmp_path / "ComfyUI" / "models"
     assert paths == {"kontext": models / "diffusion_models" / "flux1-kontext-dev.safetensors",
-                     "depth_lora": models / "loras" / "depth_lora.safetensors", "vae": models / "vae" / "ae.safetensors"}
+                     "depth_lora": models / "loras" / "depth_lora.safetensors",
+                     "vae": models / "vae" / "ae.safetensors"}
     for key, path in paths.items():
         assert sha256(path) == expected_sha256(key)
 
@@ -93,7 +91,8 @@ def test_small_files_are_checked_by_their_git_blob_id(hub, tmp_path, store_kind,
 def test_vae_comes_from_schnell_when_the_hub_lists_the_same_sha256(hub, tmp_path):
     path = resolve("vae", Store.directory(tmp_path))
     assert sha256(path) == expected_sha256("vae")
-    assert [r.path for r in hub.downloads()] == [f"/lfs/{VAE.ungated_copy.repo}/{expected_sha256('vae')}/ae.safetensors"]
+    copy = VAE.ungated_copy
+    assert [r.path for r in hub.downloads()] == [f"/lfs/{copy.repo}/{expected_sha256('vae')}/{copy.path}"]
     assert not any(r.path.startswith(f"/{KONTEXT.hub.repo}/resolve") for r in hub.requests)  # no gated request
 
 
@@ -207,7 +206,8 @@ def test_offline_uses_the_disk_and_names_each_missing_file(hub, tmp_path, monkey
     message = str(error.value)
     assert "HF_HUB_OFFLINE" in message and "depth_lora" not in message
     for file in (KONTEXT, VAE):
-        where = tmp_path / "models" if store_kind == "folder" else f"a folder you pass with --models-dir (ComfyUI: models/{file.folder}/)"
+        where = (tmp_path / "models" if store_kind == "folder"
+                 else f"a folder you pass with --models-dir (ComfyUI: models/{file.folder}/)")
         assert f"{file.name} ({file.size_text}) from {hub.url}/{file.hub.repo}/blob/main/{file.hub.path}" in message
         assert f"put it in {where}" in message
 

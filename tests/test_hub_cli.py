@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, load_run
 from e2p_core.cli import main
-from hub_support import FakeHub, hub_environment, serve_tiny_models
+from hub_support import tiny_model_hub
 from test_parity import assert_stages
 
 TOKEN = "hf_granted"
@@ -20,11 +20,7 @@ RUN_OF_WEIGHTS = {"lora": "depth_1step_lora_fp32", "full": "depth_1step_fp32"}
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    with FakeHub() as fake:
-        serve_tiny_models(fake)
-        hub_environment(monkeypatch, fake, tmp_path / "hf_home")
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        fake.grant(TOKEN, "black-forest-labs/FLUX.1-Kontext-dev")
+    with tiny_model_hub(monkeypatch, tmp_path / "hf_home", TOKEN) as fake:
         yield fake
 
 

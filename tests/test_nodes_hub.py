@@ -7,7 +7,7 @@ import json
 
 import pytest
 from comfy_support import load_pack, use_model_folders
-from hub_support import FakeHub, hub_environment, serve_tiny_models
+from hub_support import tiny_model_hub
 
 from conftest import FIXTURES, TINY_DIT_CONFIG
 from e2p_core.hub import MODEL_FILES
@@ -26,11 +26,7 @@ LORA_LABEL = "depth_lora.safetensors (download 610.0 MB)"
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    with FakeHub() as fake:
-        serve_tiny_models(fake)
-        hub_environment(monkeypatch, fake, tmp_path / "hf_home")
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        fake.grant(TOKEN, KONTEXT.hub.repo)
+    with tiny_model_hub(monkeypatch, tmp_path / "hf_home", TOKEN) as fake:
         yield fake
 
 
@@ -69,7 +65,8 @@ def test_choosing_downloads_fetches_into_comfyui_folders_then_loads(hub, folders
     assert (folders["loras"] / "depth_lora.safetensors").read_bytes() == \
         (FIXTURES / "lora_kohya.safetensors").read_bytes()
     assert len(model.patches) == 26  # the downloaded LoRA is applied
-    for size in ((FIXTURES / "dit_bfl.safetensors").stat().st_size, (FIXTURES / "lora_kohya.safetensors").stat().st_size):
+    for fixture in ("dit_bfl.safetensors", "lora_kohya.safetensors"):
+        size = (FIXTURES / fixture).stat().st_size
         assert ("7", 0, size) in progress_events and ("7", size, size) in progress_events  # bytes, per node
     hub.requests.clear()
     # Now present: the plain names and the labels both load from disk, with no request.

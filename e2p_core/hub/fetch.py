@@ -423,9 +423,8 @@ def _translate(error: Exception, file: ModelFile, hub_file: HubFile) -> Exceptio
     client = _client()
     errors = client.errors
     page = _url(hub_file, page=True)
-    if isinstance(error, errors.GatedRepoError) or (
-        file.gated and hub_file == file.hub and isinstance(error, errors.HfHubHTTPError) and _status(error) in (401, 403)
-    ):
+    refused = isinstance(error, errors.HfHubHTTPError) and _status(error) in (401, 403)
+    if isinstance(error, errors.GatedRepoError) or (file.gated and hub_file == file.hub and refused):
         token = client.get_token()
         lines = [
             f"{file.name} is in the gated repository {hub_file.repo} ({file.licence}); the hub refused it "

@@ -8,11 +8,8 @@ models.py). Expected values are computed here from the saved PNGs, never copied 
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,6 +17,7 @@ from PIL import Image
 from .api_prompts import CONDITIONING, IMAGE, MODEL, PERCEIVE, POINTS, SAVE, node, perceive_prompt
 from .comfy_server import PACK_FOLDER_NAME, ComfyServer, PromptRejected, messages
 from .conftest import BACKGROUND_IMAGE, BROKEN_EMBEDDINGS, ODD_IMAGE, ODD_SIZE_WH, TEST_DIT, TEST_VAE
+from .events import FINAL_EVENTS, prompt_events
 
 PACK_NODES = {
     "E2PModelLoader", "E2PTaskConditioning", "E2PPointPrompt", "E2PPerceive", "E2PDepthOutput", "E2PNormalOutput",
@@ -194,26 +192,13 @@ def test_interrupting_a_batch_stops_it_and_the_server_stays_usable(comfy):
 
 
 async def _interrupt_after_first_progress(server: ComfyServer, prompt: dict) -> dict:
-    """Queue ``prompt`` with a WebSocket listening, POST /interrupt at the perceive node's first progress event."""
-    client_id = f"e2e-{uuid.uuid4()}"
-    ws_url = server.url.replace("http://", "ws://") + f"/ws?clientId={client_id}"
+    """Run ``prompt``, POST /interrupt at the perceive node's first progress event."""
     events: dict = {}
-    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as socket:
-        async with session.post(server.url + "/prompt", json={"prompt": prompt, "client_id": client_id}) as reply:
-            assert reply.status == 200, await reply.text()
-            prompt_id = (await reply.json())["prompt_id"]
-        async for message in socket:
-            if message.type != aiohttp.WSMsgType.TEXT:
-                continue  # binary preview frames
-            event = json.loads(message.data)
-            data = event.get("data", {})
-            if data.get("prompt_id") != prompt_id:
-                continue
-            if event["type"] == "progress" and data.get("node") == PERCEIVE and "progress" not in events:
-                events["progress"] = data
-                async with session.post(server.url + "/interrupt", json={}) as reply:
-                    assert reply.status == 200
-            elif event["type"] in ("execution_interrupted", "execution_error", "execution_success"):
-                events["final"] = event
-                return events
-    raise AssertionError(f"the WebSocket closed before prompt {prompt_id} finished: {events}")
+    async for event in prompt_events(server, prompt):
+        if event["type"] == "progress" and event["data"].get("node") == PERCEIVE and "progress" not in events:
+            events["progress"] = event["data"]
+            status, _ = await asyncio.to_thread(server.post, "/interrupt")
+            assert status == 200
+        elif event["type"] in FINAL_EVENTS:
+            events["final"] = event
+    return events

@@ -6,14 +6,11 @@ the WebSocket, and the prompt runs. Run again, the file is on disk and the hub s
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
-
-import aiohttp
 
 from .api_prompts import MODEL, perceive_prompt
 from .comfy_server import ComfyServer, messages
 from .conftest import ODD_IMAGE, TEST_DIT, TEST_VAE
+from .events import prompt_events
 
 LORA_NAME = "depth_lora.safetensors"
 LORA_LABEL = "depth_lora.safetensors (download 610.0 MB)"  # the table's size of the real file
@@ -42,23 +39,6 @@ def test_a_lora_picked_as_a_download_arrives_in_models_and_the_prompt_runs(comfy
 
 
 async def _run_with_progress(server: ComfyServer, prompt: dict) -> tuple[dict, list[dict]]:
-    """Queue ``prompt`` with a WebSocket listening; (the final event, every progress event of the prompt)."""
-    client_id = f"e2e-{uuid.uuid4()}"
-    ws_url = server.url.replace("http://", "ws://") + f"/ws?clientId={client_id}"
-    progress = []
-    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as socket:
-        async with session.post(server.url + "/prompt", json={"prompt": prompt, "client_id": client_id}) as reply:
-            assert reply.status == 200, await reply.text()
-            prompt_id = (await reply.json())["prompt_id"]
-        async for message in socket:
-            if message.type != aiohttp.WSMsgType.TEXT:
-                continue
-            event = json.loads(message.data)
-            data = event.get("data", {})
-            if data.get("prompt_id") != prompt_id:
-                continue
-            if event["type"] == "progress":
-                progress.append(data)
-            elif event["type"] in ("execution_interrupted", "execution_error", "execution_success"):
-                return event, progress
-    raise AssertionError(f"the WebSocket closed before prompt {prompt_id} finished")
+    """(the final event, the data of every progress event) of a run of ``prompt``."""
+    events = [event async for event in prompt_events(server, prompt)]
+    return events[-1], [event["data"] for event in events if event["type"] == "progress"]

@@ -1,5 +1,7 @@
 """Test support for hub downloads: the fake hub server and the tiny test weights under the real repository names."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,7 +43,8 @@ def serve_tiny_models(hub: FakeHub) -> None:
             hub.add_file(file.ungated_copy.repo, file.ungated_copy.path, data, gated=False)
 
 
-__all__ = ["CHUNK_BYTES", "FIXTURES", "TINY_STAND_INS", "FakeHub", "Request", "hub_environment", "serve_tiny_models", "serve_tokenizers"]
+__all__ = ["CHUNK_BYTES", "FIXTURES", "TINY_STAND_INS", "FakeHub", "Request", "hub_environment", "serve_tiny_models",
+           "serve_tokenizers", "tiny_model_hub"]
 
 
 def hub_environment(monkeypatch, hub: FakeHub, home: Path) -> None:
@@ -61,3 +64,16 @@ def hub_environment(monkeypatch, hub: FakeHub, home: Path) -> None:
     # The client writes what arrives in chunks of 10 MB, so a transfer cut inside the first chunk restarts from 0;
     # the tiny test files are smaller than that, so the chunks shrink with them.
     monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", CHUNK_BYTES)
+
+
+@contextmanager
+def tiny_model_hub(monkeypatch, home: Path, token: str | None = None) -> Iterator[FakeHub]:
+    """A running fake hub with the tiny stand-ins, the client pointed at it (``hub_environment``); with ``token``,
+    HF_TOKEN is set to a token granted FLUX.1-Kontext-dev's licence."""
+    with FakeHub() as hub:
+        serve_tiny_models(hub)
+        hub_environment(monkeypatch, hub, home)
+        if token is not None:
+            monkeypatch.setenv("HF_TOKEN", token)
+            hub.grant(token, MODEL_FILES["kontext"].hub.repo)
+        yield hub
