@@ -217,3 +217,14 @@ def test_embed_prompts_reads_a_comfyui_folder(comfy_encoders: TinyComfyEncoders,
     expected_embeds, expected_pooled = comfy_encoders.expected(TASKS["normal"].prompt)
     torch.testing.assert_close(written.prompt_embeds, expected_embeds, rtol=0, atol=1e-5)
     torch.testing.assert_close(written.pooled_prompt_embeds, expected_pooled, rtol=0, atol=1e-5)
+
+
+def test_inside_comfyui_the_single_files_take_comfyuis_tokenizers(tmp_path: Path, monkeypatch) -> None:
+    from comfy_support import comfy_root
+
+    monkeypatch.setattr(sys, "path", [*sys.path, str(comfy_root())])  # what ComfyUI's main.py makes importable
+    assert text_encoders.running_comfyui_root() == comfy_root()
+    for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    found = find_text_encoders(tmp_path)
+    assert (found.clip.tokenizer, found.t5.tokenizer) == (COMFY_CLIP_TOKENIZER, COMFY_T5_TOKENIZER)
