@@ -24,7 +24,7 @@ from e2p_core.errors import HubError
 from e2p_core.hub import MODEL_FILES, TOKENIZER_KEYS
 from e2p_core.prompts import PromptEmbeddings, save_prompt_embeddings
 from e2p_core.tasks import TASKS
-from hub_support import FakeHub, hub_environment, serve_tiny_models, serve_tokenizers
+from hub_support import FakeHub, serve_tokenizers, tiny_model_hub
 from text_encoder_support import (TinyComfyEncoders, build_tiny_comfy_encoders, comfy_t5_state, count_encoder_loads,
                                   reference_ids)
 
@@ -42,14 +42,10 @@ def encoders(tmp_path_factory) -> TinyComfyEncoders:
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path, encoders):
-    with FakeHub() as fake:
-        serve_tiny_models(fake)
+    with tiny_model_hub(monkeypatch, tmp_path / "hf_home", TOKEN) as fake:
         serve_tokenizers(fake, comfy_root())
         for key in ("clip_l", "t5xxl_fp16"):
             fake.add_file(MODEL_FILES[key].hub.repo, MODEL_FILES[key].hub.path, encoders.folder / MODEL_FILES[key].name)
-        hub_environment(monkeypatch, fake, tmp_path / "hf_home")
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        fake.grant(TOKEN, MODEL_FILES["kontext"].hub.repo)
         monkeypatch.setattr(text_encoders, "running_comfyui_root", lambda: None)  # as outside ComfyUI
         yield fake
 
