@@ -68,6 +68,17 @@ def test_comfyui_store_puts_files_in_their_model_folders(hub, tmp_path, monkeypa
         assert sha256(path) == expected_sha256(key)
 
 
+def test_files_in_the_hf_cache_are_copied_into_comfyui_folders_without_a_request(hub, tmp_path):
+    cached = resolve("depth_lora")  # into the Hugging Face cache
+    hub.requests.clear()
+    store = Store.comfyui(tmp_path / "ComfyUI")
+    assert resolve("depth_lora", store) == cached  # found there: used in place
+    (copied,) = resolve_all(["depth_lora"], store, copy_into_store=True).values()
+    assert copied == tmp_path / "ComfyUI" / "models" / "loras" / "depth_lora.safetensors"
+    assert copied.read_bytes() == cached.read_bytes() and hub.requests == []
+    assert list(copied.parent.iterdir()) == [copied]
+
+
 @pytest.mark.parametrize("store_kind", sorted(STORES))
 def test_small_files_are_checked_by_their_git_blob_id(hub, tmp_path, store_kind, monkeypatch):
     """The tokenizers are plain git files (no LFS): ETag = git's blob sha1, served by the hub itself, no redirect."""
