@@ -6,6 +6,7 @@
     python -m e2p_core download --task depth [--weights lora|full] [--comfyui COMFYUI_DIR | --to DIR]
     python -m e2p_core convert --kind dit --input depth.safetensors --to bfl --output depth_bfl.safetensors
     python -m e2p_core embed-prompts --text-encoders FLUX.1-Kontext-dev --out-dir embeddings/
+    python -m e2p_core embed-prompts --comfyui ComfyUI --out-dir ComfyUI/models/e2p_prompts   # encoders fetched if missing
     python -m e2p_core evaluate --task depth --suite nyuv2 --data-root nyu_labeled_extracted.tar --dit ... --vae ...
         --prompt-embeds depth.safetensors --out-dir eval/   # see e2p_core/evaluation
 
@@ -48,12 +49,14 @@ from .cli_models import (
 from .conventions import depth_hint, normals_to_convention, normals_to_rgb01
 from .errors import E2PError, InputError
 from .evaluation.command import add_evaluate_parser
+from .hub import Store
 from .hub.command import add_download_parser
 from .images import load_image_rgb
 from .pipeline import Perception, PointPrompt
 from .points import parse_points, to_pixel_coords, warn_negative_points
 from .prompts import encode_prompts, save_prompt_embeddings
 from .tasks import TASKS
+from .text_encoders import automatic_encoder_source
 from .weights import TIME_EMBEDDING_METADATA_KEY
 
 logger = logging.getLogger("e2p_core")
@@ -253,7 +256,10 @@ def embed_prompts(args: argparse.Namespace) -> None:
     else:
         jobs = [(prompt_text(task, args.matting_prompt), Path(args.out_dir) / f"{task}.safetensors")
                 for task in args.task]
-    embeddings = encode_prompts([prompt for prompt, _ in jobs], args.text_encoders, args.device, DTYPES[args.dtype])
+    # Without --text-encoders: the table's encoders (or a ComfyUI install's) from disk, else downloaded.
+    store = Store.comfyui(args.comfyui) if args.comfyui else Store()
+    encoders = args.text_encoders or automatic_encoder_source(store).locate()
+    embeddings = encode_prompts([prompt for prompt, _ in jobs], encoders, args.device, DTYPES[args.dtype])
     for (_, path), embedding in zip(jobs, embeddings):
         save_prompt_embeddings(embedding, path)
         logger.info("wrote %s", path)
@@ -313,8 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=convert)
 
     e = commands.add_parser("embed-prompts", help="precompute the task prompt embeddings (T5 + CLIP pooled)")
-    e.add_argument("--text-encoders", required=True, help="a diffusers FLUX folder, a ComfyUI models/text_encoders "
-                                                          "folder (clip_l + t5xxl_fp16) or a ComfyUI folder")
+    where = e.add_mutually_exclusive_group()
+    where.add_argument("--text-encoders", help="a diffusers FLUX folder, a ComfyUI models/text_encoders folder "
+                                               "(clip_l + t5xxl_fp16) or a ComfyUI folder (default: from the Hugging "
+                                               "Face cache, downloaded when missing)")
+    where.add_argument("--comfyui", metavar="COMFYUI_DIR", help="take the text encoders from (or download them "
+                                                                "into) COMFYUI_DIR/models/text_encoders")
     e.add_argument("--out-dir", default=".", help="where <task>.safetensors go")
     e.add_argument("--task", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     e.add_argument("--prompt", help="encode this text instead of the task prompts (needs --out)")

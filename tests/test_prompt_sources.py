@@ -22,7 +22,7 @@ from e2p_core import cli_models, text_encoders
 from e2p_core.cli import build_parser, main
 from e2p_core.errors import HubError
 from e2p_core.hub import MODEL_FILES, TOKENIZER_KEYS
-from e2p_core.prompts import PromptEmbeddings, save_prompt_embeddings
+from e2p_core.prompts import PromptEmbeddings, load_prompt_embeddings, save_prompt_embeddings
 from e2p_core.tasks import TASKS
 from hub_support import FakeHub, serve_tokenizers, tiny_model_hub
 from text_encoder_support import (TinyComfyEncoders, build_tiny_comfy_encoders, comfy_t5_state, count_encoder_loads,
@@ -151,3 +151,15 @@ def test_a_comfyui_install_without_tokenizers_gets_only_them_from_the_hub(hub, t
     hub.requests.clear()
     second = cli_models.prompt_embeddings(args, torch.device("cpu"), torch.float32)  # now complete on disk: same entry
     assert hub.requests == [] and len(encoder_loads) == 2 and torch.equal(second.prompt_embeds, first.prompt_embeds)
+
+
+def test_embed_prompts_without_text_encoders_fetches_them_into_comfyui(hub, tmp_path, encoders):
+    comfyui = tmp_path / "ComfyUI"
+    out_dir = comfyui / "models" / "e2p_prompts"
+    assert main(["embed-prompts", "--comfyui", str(comfyui), "--out-dir", str(out_dir), "--task", "depth"]) == 0
+    assert ENCODER_FILES | TOKENIZER_FILES <= downloaded_names(hub)
+    assert (comfyui / "models" / "text_encoders" / "t5xxl_fp16.safetensors").is_file()
+    written = load_prompt_embeddings(out_dir / "depth.safetensors")
+    expected_embeds, expected_pooled = encoders.expected(DEPTH)
+    torch.testing.assert_close(written.prompt_embeds, expected_embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(written.pooled_prompt_embeds, expected_pooled, rtol=0, atol=1e-5)
