@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from host_memory import AnonymousPeak, peak_rss_mib, status_mib  # noqa: E402 (the same probes as the DiT bench)
+from host_memory import AnonymousPeak, status_mib  # noqa: E402 (the same probes as the DiT bench)
 
 REAL_T5_BLOCKS, REAL_T5_BYTES = 24, 9_787_841_024
 # What a CLIP-L tokenizer tells the loader (the pooled vector is read at its end token).
@@ -99,7 +99,7 @@ def measure(path: Path, kind: str, dtype: str) -> dict[str, float]:
 
     from e2p_core.text_encoders import load_single_file
 
-    base_rss, base_anon = peak_rss_mib(), status_mib("RssAnon")
+    base_rss, base_anon = status_mib("VmHWM"), status_mib("RssAnon")
     anon = AnonymousPeak()
     start = time.perf_counter()
     model = load_single_file(path, kind, getattr(torch, dtype), CLIP_L_SPECIAL_IDS)
@@ -107,7 +107,7 @@ def measure(path: Path, kind: str, dtype: str) -> dict[str, float]:
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
     model_mib = sum(storages.values()) / 2**20  # T5's tied embedding counted once
     return {"file_mib": path.stat().st_size / 2**20, "model_mib": model_mib, "seconds": seconds,
-            "peak_rss_mib": peak_rss_mib() - base_rss, "peak_anon_mib": anon.stop() - base_anon}
+            "peak_rss_mib": status_mib("VmHWM") - base_rss, "peak_anon_mib": anon.stop() - base_anon}
 
 
 def main() -> None:
