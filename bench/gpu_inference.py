@@ -152,6 +152,15 @@ def target_cell(mode: str, task: str, resolution: int, steps: int, seconds: floa
     return f"{'met' if seconds <= target else 'MISSED'} (<= {target:.2f} s)"
 
 
+def config_arg(text: str) -> tuple[str, int, int]:
+    """``task:px:steps`` -> (task, resolution, steps)."""
+    try:
+        task, resolution, steps = text.split(":")
+        return task, int(resolution), int(steps)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TASK:PX:STEPS (e.g. depth:768:1), got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -160,9 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["depth", "matting"], help="normal costs what depth costs")
     parser.add_argument("--resolutions", nargs="+", type=int, default=None, help="default 768 1024 (tiny: 64)")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--configs", nargs="+", type=config_arg, metavar="TASK:PX:STEPS",
+                        help="explicit runs (e.g. depth:768:1 matting:768:1 depth:768:8) instead of the product of "
+                             "--tasks, --resolutions and --steps; the baseline runs each (px, steps) once")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--diff-against-full", action="store_true",
+                        help="without 'full' in --modes: run the eager full path once per config (untimed) first, "
+                             "to fill the diff column")
     parser.add_argument("--compile", dest="compile_mode", help="torch.compile mode: default, max-autotune, "
                                                                "reduce-overhead (CUDA graphs)")
     parser.add_argument("--attention-backend", help="diffusers attention backend, e.g. _native_flash, _native_cudnn")
@@ -173,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16
     resolutions = args.resolutions or ([64] if args.tiny else [768, 1024])
+    configs = args.configs or [(task, r, steps) for task in args.tasks for r in resolutions for steps in args.steps]
+    resolutions = sorted({r for _, r, _ in configs})
     if device.type == "cuda" and args.gpu_memory_limit_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_limit_gib * GIB / total), device)
@@ -192,22 +209,35 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.no_baseline:
         pipe = kontext_pipeline(dit, vae, device, dtype)
-        for resolution in resolutions:
+        for resolution, steps in dict.fromkeys((r, steps) for _, r, steps in configs):  # unique, in order
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = latency(lambda r=resolution: run_baseline(pipe, images[r], prompt, r, 1), device,
+            seconds = latency(lambda r=resolution, n=steps: run_baseline(pipe, images[r], prompt, r, n), device,
                               args.repeats, args.warmup)
-            print(f"| diffusers FluxKontextPipeline | - | {resolution} | 1 | {seconds:.3f} | | | {peak_gib(device)} | "
-                  f"| | |", flush=True)
+            print(f"| diffusers FluxKontextPipeline | - | {resolution} | {steps} | {seconds:.3f} | | | "
+                  f"{peak_gib(device)} | | | |", flush=True)
         del pipe
         release()
 
-    configs = [(task, r, steps) for task in args.tasks for r in resolutions for steps in args.steps]
     reference: dict[tuple, torch.Tensor] = {}  # output maps of the eager full bf16 path
     inputs = {r: (images[r], point_maps[r]) for r in resolutions}
+    if args.diff_against_full and "full" not in args.modes:
+        denoiser, codec = load_diffusers_backend(dit, vae, dtype, device, memory_mode="full")
+        reference.update({config: run_perceive(denoiser, codec, prompt, inputs, *config).float().cpu()
+                          for config in configs})
+        del denoiser, codec
+        release()
     for mode in args.modes:
         bench_mode(mode, dit, vae, prompt, inputs, configs, reference, args)
         release()
+
+
+def run_perceive(denoiser, codec, prompt: PromptEmbeddings, inputs: dict, task: str, resolution: int,
+                 steps: int) -> torch.Tensor:
+    """One end-to-end run on the benchmark's input for ``resolution``: the output map."""
+    image, point_map = inputs[resolution]
+    return perceive(denoiser, codec, image, task, prompt, steps=steps, resolution=resolution,
+                    point_map=point_map if task == "matting" else None).output
 
 
 def bench_mode(mode: str, dit: DiTWeights, vae: VAEWeights, prompt: PromptEmbeddings, inputs: dict, configs: list,
@@ -217,9 +247,7 @@ def bench_mode(mode: str, dit: DiTWeights, vae: VAEWeights, prompt: PromptEmbedd
     denoiser, codec = load_diffusers_backend(dit, vae, dtype, device, memory_mode=mode)
 
     def run(task, r, steps, d=denoiser, c=codec):
-        image, point_map = inputs[r]
-        return perceive(d, c, image, task, prompt, steps=steps, resolution=r,
-                        point_map=point_map if task == "matting" else None).output
+        return run_perceive(d, c, prompt, inputs, task, r, steps)
 
     if mode == "full":  # before any speed-up, so compiled paths are compared with eager
         reference.update({config: run(*config).float().cpu() for config in configs})

@@ -26,6 +26,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 FIXTURES = Path(__file__).parent / "fixtures" / "e2p_tiny"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 TINY_DIT_CONFIG = {"axes_dims_rope": MANIFEST["tiny_config"]["rope_axes_dim"]}  # the one thing shapes cannot tell
+# Where the parity tests run the model: cpu (CI), or cuda for the GPU check (bench/gpu_check.sh), at the same
+# tolerances. float32 on CUDA must not silently use TF32 (matmul and cuDNN convolutions), or 1e-5 is out of reach.
+PARITY_DEVICE = os.environ.get("E2P_PARITY_DEVICE", "cpu")
+if PARITY_DEVICE.startswith("cuda"):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES, MANIFEST, TINY_DIT_CONFIG, load_run
+from conftest import FIXTURES, MANIFEST, PARITY_DEVICE, TINY_DIT_CONFIG, load_run
 from e2p_core.backends.diffusers_backend import load_diffusers_backend
 from e2p_core.cli import main
 from e2p_core.images import load_image_rgb, plan_geometry, prepare_image
@@ -45,7 +45,7 @@ def models(dit_file: str, dtype: torch.dtype, lora: bool):
     dit = load_dit(FIXTURES / dit_file, TINY_DIT_CONFIG, loras)
     # 'reference' by name: the official code rounds the frequencies to the compute dtype (exact in float32), whereas
     # 'auto' on weights that record nothing means bf16, how the released weights were trained.
-    return load_diffusers_backend(dit, load_vae(FIXTURES / "vae_bfl.safetensors"), dtype, "cpu",
+    return load_diffusers_backend(dit, load_vae(FIXTURES / "vae_bfl.safetensors"), dtype, PARITY_DEVICE,
                                   time_embedding="reference")
 
 
@@ -59,6 +59,7 @@ def assert_stages(result_tensors: dict, run: dict, task: str, dtype: torch.dtype
     atol_latent, atol_decoded, atol_output = TOLERANCES[dtype]
     if dtype == torch.float32 and task == "normal":
         atol_output = NORMAL_OUTPUT_ATOL_FP32
+    result_tensors = {key: value.cpu() for key, value in result_tensors.items()}
     torch.testing.assert_close(result_tensors["velocity"], run["velocity_first_step"], atol=atol_latent, rtol=0)
     torch.testing.assert_close(result_tensors["latent"], run["final_latent"], atol=atol_latent, rtol=0)
     torch.testing.assert_close(result_tensors["decoded"], run["decoded_raw"], atol=atol_decoded, rtol=0)
@@ -71,7 +72,7 @@ def test_python_api_matches_official_run(name, dit_file, inputs_npz, prompt_file
     settings = run_settings(name)
     run = load_run(name)
     denoiser, codec = models(dit_file, settings["dtype"], settings["lora"])
-    prompt = load_prompt_embeddings(prompt_files[settings["task"]]).to("cpu", settings["dtype"])
+    prompt = load_prompt_embeddings(prompt_files[settings["task"]]).to(PARITY_DEVICE, settings["dtype"])
     image = load_image_rgb(FIXTURES / "input.png")
     point_map = inputs_npz["point_mask"] if settings["task"] == "matting" else None
     with torch.no_grad():
@@ -98,7 +99,7 @@ def test_context_encoding_and_token_layout(name):
     if settings["task"] == "matting":
         pixels.append(encode_point_map(np.load(FIXTURES / "inputs.npz")["point_mask"])[None].to(dtype))
     with torch.no_grad():
-        latents = [codec.encode(p) for p in pixels]
+        latents = [codec.encode(p.to(PARITY_DEVICE)).cpu() for p in pixels]
     atol = TOLERANCES[dtype][0]
     for i, (p, latent) in enumerate(zip(pixels, latents)):
         assert torch.equal(p, run[f"context{i}_pixels"])
@@ -164,7 +165,7 @@ def cli_args(name: str, dit_file: str, tmp_path, prompt_files, dit_config_file) 
             str(prompt_files[settings["task"]]), "--image", str(FIXTURES / "input.png"), "--out",
             str(tmp_path / "out.png"), "--raw", str(tmp_path / "raw.safetensors"), "--steps", str(settings["steps"]),
             "--noise", str(noise_file), "--resize", settings["resize"], "--resolution", str(settings["resolution"]),
-            "--dtype", {torch.float32: "fp32", torch.bfloat16: "bf16"}[settings["dtype"]], "--device", "cpu",
+            "--dtype", {torch.float32: "fp32", torch.bfloat16: "bf16"}[settings["dtype"]], "--device", PARITY_DEVICE,
             "--time-embedding", "reference"]
     if settings["lora"]:
         args += ["--lora", str(FIXTURES / "lora_kohya.safetensors")]
