@@ -264,23 +264,37 @@ def test_list_files_skip_rows_without_ground_truth_and_reject_short_rows(tmp_pat
         get_suite("matting", "nyuv2")
 
 
+def discover_the_one_sample(folder, task: str, suite_name: str):
+    """(row, sample) of the only sample discovery finds in ``folder``, without a filename list."""
+    suite = get_suite(task, suite_name)
+    with DataRoot(folder) as root:
+        (row,) = suite.rows(root)
+        return row, suite.load(root, row)
+
+
+def test_eth3d_is_found_in_its_real_layout_and_read_as_raw_float32(tmp_path):
+    write_eth3d(tmp_path)
+    row, sample = discover_the_one_sample(tmp_path, "depth", "eth3d")
+    assert row == ["rgb/courtyard/images/dslr_images/DSC_0001.JPG",
+                   "depth/courtyard_dslr_depth/courtyard/ground_truth_depth/dslr_images/DSC_0001.JPG"]
+    expected = _scene(40, 60, 0)[1].astype(np.float32)
+    assert sample.target.dtype == np.float32 and sample.target[0, 0] == 0.0  # inf: no depth
+    np.testing.assert_array_equal(sample.target[:, 1:], expected[:, 1:])
+    assert not sample.valid[:, 0].any() and sample.valid[:, 1:].all()
+
+
 def test_diode_normals_are_found_without_the_img_suffix(tmp_path):
     write_diode_normals(tmp_path)
-    suite = get_suite("normal", "diode")
-    with DataRoot(tmp_path) as root:
-        (row,) = suite.rows(root)
-        sample = suite.load(root, row)
+    row, sample = discover_the_one_sample(tmp_path, "normal", "diode")
     stem = "val/outdoor/scene_00024/scan_00201/00024_00201_outdoor_070_030"
     assert row == [f"{stem}.png", f"{stem}_normal.npy"]
-    np.testing.assert_allclose(sample.target[:, 5, 5], [0.0, 0.6, 0.8], atol=1e-6) and sample.valid.all()
+    np.testing.assert_allclose(sample.target[:, 5, 5], [0.0, 0.6, 0.8], atol=1e-6)
+    assert sample.valid.all()
 
 
 def test_dsine_normal_pngs_are_read_as_stored(tmp_path):
     write_dsine_normals(tmp_path)
-    suite = get_suite("normal", "nyuv2")
-    with DataRoot(tmp_path) as root:
-        (row,) = suite.rows(root)
-        sample = suite.load(root, row)
+    row, sample = discover_the_one_sample(tmp_path, "normal", "nyuv2")
     assert row == ["test/000000_img.png", "test/000000_normal.png"]
     np.testing.assert_allclose(sample.target[:, 10, 10], [153 / 255 * 2 - 1, 128 / 255 * 2 - 1, 230 / 255 * 2 - 1],
                                atol=1e-6)  # no x flip: DSINE's PNGs are in the frame FE2E compares in
