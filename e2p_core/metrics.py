@@ -65,7 +65,8 @@ def align_depth(
     ``depth_from_space`` and clipped to ``[min_depth, max_depth]``. The default ``space="sqrt"`` is the official
     protocol for the released model, which was trained on sqrt depth: align ``sqrt(depth + 1e-6)``, then square. The
     official script picks the space from substrings of the checkpoint filename, so the README command
-    (``depth.safetensors``) silently aligns in linear depth: that is ``space="uniform"``. FE2E's protocol is ``"log"``.
+    (``depth.safetensors``) silently aligns in linear depth: that is ``space="uniform"``. FE2E's protocol is not
+    ``"log"`` but :func:`align_depth_log_fe2e`.
     """
     prediction, depth_m, valid = _float64(prediction), _float64(depth_m), _mask(valid)
     target = depth_to_space(depth_m, space)
