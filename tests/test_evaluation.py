@@ -296,6 +296,11 @@ def test_dsine_normal_pngs_are_read_as_stored(tmp_path):
     write_dsine_normals(tmp_path)
     row, sample = discover_the_one_sample(tmp_path, "normal", "nyuv2")
     assert row == ["test/000000_img.png", "test/000000_normal.png"]
+    split = tmp_path / "test.txt"  # DSINE's split files name the image only
+    split.write_text("test/000000_img.png\n")
+    with DataRoot(tmp_path) as root:
+        suite = get_suite("normal", "nyuv2")
+        np.testing.assert_array_equal(suite.load(root, suite.rows(root, split)[0]).target, sample.target)
     np.testing.assert_allclose(sample.target[:, 10, 10], [153 / 255 * 2 - 1, 128 / 255 * 2 - 1, 230 / 255 * 2 - 1],
                                atol=1e-6)  # no x flip: DSINE's PNGs are in the frame FE2E compares in
     assert not sample.valid[:2].any() and sample.valid[2:].all()

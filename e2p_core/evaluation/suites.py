@@ -267,13 +267,20 @@ def _discover_diode(names: list[str]) -> list[list[str]]:
 
 def _normal_sample(root: DataRoot, row: list[str], protocol: Protocol) -> Sample:
     image = _rgb(root, row[0])
-    normal_file = row[1] if len(row) > 1 else re.sub(r"(_img)?\.(png|jpg)$", "_normal.npy", row[0])
+    normal_file = row[1] if len(row) > 1 else _normal_file_of(root, row[0])
     if normal_file.endswith(".png"):
         normals, valid = _dsine_normal_png(root, normal_file)
     else:
         normals, valid = _marigold_normal_npy(root, normal_file)
     _check_same_size(image, valid.shape, row[0])
     return Sample(row[0], image, normals, valid)
+
+
+def _normal_file_of(root: DataRoot, image_name: str) -> str:
+    """The ground truth of a one-column list row (DSINE's splits): ``X_normal.png`` if present, as FE2E prefers it,
+    else ``X_normal.npy``."""
+    stem = re.sub(r"(_img)?\.(png|jpg)$", "", image_name)
+    return f"{stem}_normal.png" if root.exists(f"{stem}_normal.png") else f"{stem}_normal.npy"
 
 
 def _marigold_normal_npy(root: DataRoot, name: str) -> tuple[np.ndarray, np.ndarray]:
