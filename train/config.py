@@ -7,9 +7,11 @@ line override it. Datasets are lists of ``{kind, root, list_file, ratio}`` in a 
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, get_args, get_origin
 
 from e2p_core.errors import InputError
 from e2p_core.targets import DEPTH_SPACES
@@ -112,6 +114,10 @@ class TrainConfig:
                 raise InputError(f"a dataset needs a kind and a root, got {entry!r}")
             if entry["kind"] not in KINDS:
                 raise InputError(f"unknown dataset kind {entry['kind']!r}; expected one of {list(KINDS)}")
+            if not isinstance(entry["root"], str) or not isinstance(entry.get("list_file", ""), (str, type(None))):
+                raise InputError(f"a dataset's root and list_file are paths, got {entry!r}")
+            if "ratio" in entry and not (_has_type(entry["ratio"], float) and entry["ratio"] > 0):
+                raise InputError(f"a dataset's ratio is a positive number, got {entry['ratio']!r}")
         if self.height % 16 or self.width % 16 or min(self.height, self.width) < 16:
             raise InputError(f"--height {self.height} and --width {self.width} must be positive multiples of 16 "
                              f"(2x2 latent patches of the 8x VAE)")
@@ -228,21 +234,64 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"config file {path} not found")
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml  # only needed for YAML configs
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if is_yaml:
+            import yaml  # only needed for YAML configs
 
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
-    if not isinstance(values, dict):
-        raise InputError(f"config file {path} must hold a mapping of settings")
-    known = {item.name for item in fields(TrainConfig)}
+            try:
+                values = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(str(exc)) from None
+        else:
+            values = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON/YAML, absurd numbers or nesting
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(f"config file {path} is not valid {'YAML' if is_yaml else 'JSON'}: {reason}") from None
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
+        raise InputError(f"config file {path} must hold a mapping of setting names to values")
+    types = {item.name: item.type for item in fields(TrainConfig)}
     normalised = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(normalised) - known)
+    unknown = sorted(set(normalised) - set(types))
     if unknown:
         raise InputError(f"config file {path}: unknown settings {unknown}")
+    for name, value in normalised.items():
+        if not _has_type(value, types[name]):
+            raise InputError(f"config file {path}: {name} is {_short(value)}; expected {_type_name(types[name])}")
     return normalised
+
+
+def _has_type(value: Any, annotation: Any) -> bool:
+    """Whether a config file's ``value`` fits a TrainConfig field's type annotation."""
+    allowed = get_args(annotation) if isinstance(annotation, UnionType) else (annotation,)
+    return any(_is_a(value, get_origin(kind) or kind) for kind in allowed)
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool):  # an int subclass in Python, never a number in a config
+        return kind is bool
+    if kind in (int, float) and isinstance(value, int):
+        return abs(value) < 2**63
+    if kind is float:
+        return isinstance(value, float) and math.isfinite(value)
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(entry, dict) for entry in value)
+    return isinstance(value, kind)
+
+
+def _type_name(annotation: Any) -> str:
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
+             list: "a list of {kind, root, ...} mappings", type(None): "null"}
+    allowed = get_args(annotation) if isinstance(annotation, UnionType) else (annotation,)
+    return " or ".join(names[get_origin(kind) or kind] for kind in allowed)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

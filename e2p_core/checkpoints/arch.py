@@ -7,6 +7,7 @@ need ``axes_dims_rope`` from a diffusers ``config.json``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,7 +131,7 @@ def infer_dit_architecture(sd_bfl: dict[str, torch.Tensor], config: dict[str, An
     _check_hidden_size(sd_bfl, hidden, {"txt_in.weight": 0, "vector_in.in_layer.weight": 0,
                                         "final_layer.linear.weight": 1})
     _check_config(config, found, defaults={"out_channels": None})
-    axes = tuple(int(a) for a in config.get("axes_dims_rope") or ())
+    axes = _config_axes(config.get("axes_dims_rope"))
     if not axes:
         axes = FLUX_AXES_DIMS_ROPE if sum(FLUX_AXES_DIMS_ROPE) == head_dim else None
     elif sum(axes) != head_dim:
@@ -166,9 +167,9 @@ def infer_vae_architecture(sd: dict[str, torch.Tensor], config: dict[str, Any] |
     _check_config(config, found, defaults={})
     return VAEArchitecture(
         block_out_channels=block_out, layers_per_block=layers, latent_channels=found["latent_channels"],
-        norm_num_groups=int(config.get("norm_num_groups", 32)),
-        scaling_factor=float(config.get("scaling_factor", 0.3611)),
-        shift_factor=config.get("shift_factor", 0.1159), in_channels=found["in_channels"],
+        norm_num_groups=_config_groups(config.get("norm_num_groups", 32), block_out),
+        scaling_factor=_config_number(config, "scaling_factor", 0.3611, nonzero=True),
+        shift_factor=_config_number(config, "shift_factor", 0.1159, optional=True), in_channels=found["in_channels"],
         out_channels=found["out_channels"], use_quant_conv=found["use_quant_conv"],
         use_post_quant_conv=found["use_post_quant_conv"], mid_block_add_attention=found["mid_block_add_attention"],
     )
@@ -182,6 +183,51 @@ def _check_hidden_size(sd_bfl: dict[str, torch.Tensor], hidden: int, dims: dict[
         if size != hidden:
             raise CheckpointError(f"{key} has size {size} along dimension {dim}, but img_in.weight gives the hidden "
                                   f"size {hidden}: the checkpoint is corrupt or mixed from two models")
+
+
+def _config_axes(value: Any) -> tuple[int, ...]:
+    """``axes_dims_rope``: positive even integers (each axis rotates pairs of channels), or nothing given."""
+    if value is None or value == []:
+        return ()
+    if not isinstance(value, list) or not all(_is_int(a) and a > 0 and a % 2 == 0 for a in value):
+        raise CheckpointError(f"config axes_dims_rope={_short(value)}; expected a list of positive even integers, "
+                              f"e.g. [16, 56, 56]")
+    return tuple(value)
+
+
+def _config_groups(value: Any, block_out: tuple[int, ...]) -> int:
+    """``norm_num_groups``: a positive integer dividing every level's channel count (GroupNorm's rule)."""
+    if not _is_int(value) or value < 1 or any(channels % value for channels in block_out):
+        raise CheckpointError(f"config norm_num_groups={_short(value)}; expected a positive integer dividing the "
+                              f"channel counts {list(block_out)}")
+    return value
+
+
+def _config_number(config: dict[str, Any], key: str, default: float, nonzero: bool = False,
+                   optional: bool = False) -> float | None:
+    """A finite number from ``config`` (``None`` allowed when ``optional``; zero refused when ``nonzero``)."""
+    value = config.get(key, default)
+    if value is None and optional:
+        return None
+    number = float("nan")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer beyond float's range
+            pass
+    if not math.isfinite(number) or (nonzero and number == 0):
+        kind = "non-zero finite number" if nonzero else "finite number" + (" or null" if optional else "")
+        raise CheckpointError(f"config {key}={_short(value)}; expected a {kind}")
+    return number
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_config(config: dict[str, Any], found: dict[str, Any], defaults: dict[str, Any]) -> None:

@@ -141,8 +141,8 @@ def load_config_json(path: str | os.PathLike) -> dict[str, Any]:
     _check_file(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, absurd numbers or nesting
+        raise CheckpointError(f"{path} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object (a dict of settings), got {type(config).__name__}")
     return config
