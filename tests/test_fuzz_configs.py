@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES, TINY_DIT_CONFIG
+from e2p_core.backends.diffusers_backend import load_diffusers_backend
 from e2p_core.checkpoints import infer_dit_architecture, infer_vae_architecture, load_config_json
 from e2p_core.cli import main
 from e2p_core.pipeline import perceive
@@ -77,8 +78,6 @@ def test_config_files_parse_or_are_refused(folder, blob):
 def test_accepted_configs_build_models_that_run(folder, prompt_files, dit_config, vae_config):
     """Settings of any type and value; those accepted build the diffusers backend (and the node's ComfyUI model)
     and predict a finite depth map."""
-    from e2p_core.backends.diffusers_backend import load_diffusers_backend
-
     dit = parses_or_user_error(load_dit, folder / "dit.safetensors", {**TINY_DIT_CONFIG, **dit_config})
     vae = parses_or_user_error(load_vae, FIXTURES / "vae_bfl.safetensors", {**TINY_VAE_CONFIG, **vae_config})
     (folder / "dit.json").write_text(json.dumps({**TINY_DIT_CONFIG, **dit_config}, allow_nan=True))

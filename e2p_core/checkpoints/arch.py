@@ -187,9 +187,9 @@ def _check_hidden_size(sd_bfl: dict[str, torch.Tensor], hidden: int, dims: dict[
 
 def _config_axes(value: Any) -> tuple[int, ...]:
     """``axes_dims_rope``: positive even integers (each axis rotates pairs of channels), or nothing given."""
-    if value is None or value == []:
+    if value is None or (isinstance(value, (list, tuple)) and not value):
         return ()
-    if not isinstance(value, list) or not all(_is_int(a) and a > 0 and a % 2 == 0 for a in value):
+    if not isinstance(value, (list, tuple)) or not all(_is_int(a) and a > 0 and a % 2 == 0 for a in value):
         raise CheckpointError(f"config axes_dims_rope={_short(value)}; expected a list of positive even integers, "
                               f"e.g. [16, 56, 56]")
     return tuple(value)
