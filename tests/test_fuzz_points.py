@@ -21,6 +21,7 @@ from e2p_core.points import build_point_map, encode_point_map, parse_points, sam
 
 load_pack()
 from e2p_pack.nodes.perceive import _check_point_map  # noqa: E402
+from e2p_pack.nodes.point_picker import point_map_png  # noqa: E402
 from e2p_pack.nodes.point_prompt import E2PPointPrompt, make_point_prompt  # noqa: E402
 
 IMAGE_HW = (48, 64)  # the fixture image's size, which the CLI reads
@@ -68,6 +69,25 @@ def test_cli_points_end_in_an_error_and_write_nothing(tmp_path_factory, prompt_f
             "--prompt-embeds", str(prompt_files["matting"]), "--device", "cpu", "--out", str(out / "alpha.png"),
             f"--points={text}", f"--negative-points={text}"]
     run_cli_expecting_error(main, argv, out)
+
+
+NUMBERS = st.integers(-5, 48).map(str) | st.sampled_from(["", "abc", "1e3", " 12", "12.5", "0x10", "٣٢",
+                                                              "99999999999999999999"])
+PICKER_QUERIES = st.fixed_dictionaries({}, optional={
+    "points": POINT_TEXTS, "coords_space": st.sampled_from(["auto", "pixels", "normalized"]) | st.text(max_size=4),
+    "mode": st.sampled_from(["app", "clicks"]) | st.text(max_size=4), "width": NUMBERS, "height": NUMBERS,
+    "resize_mode": st.sampled_from(["aligned", "reference"]) | st.text(max_size=4),
+    "resolution": NUMBERS | st.sampled_from(["0", "64", "768"]),
+})
+
+
+@given(PICKER_QUERIES)
+def test_point_picker_route_draws_or_refuses_any_query(query):
+    """The picker's GET /e2p/point_map query (the browser sends the node's widgets): a PNG, or the project's error
+    that the route answers with a 400 and its message."""
+    png = parses_or_user_error(point_map_png, query)
+    if png is not None:
+        assert png.startswith(b"\x89PNG")
 
 
 # -------------------------------------------------------------------------------------------------- maps and masks
