@@ -3,7 +3,9 @@
 Edit2Perceive is conditioned on one fixed caption per task, so T5-XXL has to run once per prompt, ever:
 
 * ``embeddings`` files (``e2p_core.prompts`` format, ``python -m e2p_core embed-prompts``) live in the pack's model
-  folder ``models/e2p_prompts`` (folder_paths key ``e2p_prompts``; ``extra_model_paths.yaml`` may add more);
+  folder ``models/e2p_prompts`` (folder_paths key ``e2p_prompts``; ``extra_model_paths.yaml`` may add more); a
+  missing ``<task>.safetensors`` is made once from the text encoders in ``models/text_encoders`` (fetched there
+  from the hub when absent), with ``transformers`` (which ComfyUI requires anyway);
 * with a CLIP connected (core DualCLIPLoader, type flux), the encoded prompt is cached in
   ``e2p_prompts/clip_cache/``. The ``clip`` input is lazy and the cache key is the prompt plus the *recipe* of the
   CLIP branch in the graph (its node types and settings, and the size and date of the text-encoder files it names),
@@ -23,6 +25,7 @@ import folder_paths
 from ..e2p_core.errors import CheckpointError, InputError
 from ..e2p_core.prompts import FORMAT, T5_MAX_LENGTH, PromptEmbeddings, load_prompt_embeddings, save_prompt_embeddings
 from ..e2p_core.tasks import TASKS, get_task
+from .model_files import comfy_store, download_progress
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +50,14 @@ def embeddings_choices() -> list[str]:
     return [AUTO, *(name for name in files if PurePath(name).parts[0] != CLIP_CACHE_FOLDER)]
 
 
-def load_task_embeddings(task: str, embeddings: str = AUTO) -> PromptEmbeddings:
-    """The embeddings file ``embeddings`` (``auto``: ``<task>.safetensors``) from the e2p_prompts folders."""
+def load_task_embeddings(task: str, embeddings: str = AUTO, node_id: str | None = None) -> PromptEmbeddings:
+    """The embeddings file ``embeddings`` (``auto``: ``<task>.safetensors``, made once when missing) from the
+    e2p_prompts folders."""
     spec = get_task(task)
     name = f"{spec.name}.safetensors" if embeddings == AUTO else embeddings
     path = folder_paths.get_full_path(PROMPTS_FOLDER, name)
+    if path is None and embeddings == AUTO:
+        path = encode_task_prompt(spec.name, node_id)
     if path is None:
         raise CheckpointError(
             f"prompt embeddings {name!r} not found in {folder_paths.get_folder_paths(PROMPTS_FOLDER)}; make them once "
@@ -62,6 +68,28 @@ def load_task_embeddings(task: str, embeddings: str = AUTO) -> PromptEmbeddings:
         logger.warning("%s holds the prompt %r, not the %s training prompt %r", name, loaded.prompt, spec.name,
                        spec.prompt)
     return loaded
+
+
+def encode_task_prompt(task: str, node_id: str | None = None) -> Path:
+    """``<task>.safetensors`` in e2p_prompts, encoded once from the task's training caption with CLIP-L + T5: a set
+    in models/text_encoders (ComfyUI's own files and tokenizers, fp8 T5 included), else the sources table's files
+    downloaded there (clip_l 246 MB + t5xxl_fp16 9.8 GB + FLUX's tokenizers, with a progress bar and Cancel). Other
+    models are unloaded first and the encoders are freed after, so the encoding has the memory to itself."""
+    import comfy.model_management
+    import torch
+
+    from ..e2p_core.prompts import encode_prompts
+    from ..e2p_core.text_encoders import automatic_encoder_source
+
+    encoders = automatic_encoder_source(comfy_store(download_progress(0, node_id))).locate()
+    comfy.model_management.unload_all_models()
+    device = comfy.model_management.text_encoder_device()
+    logger.info("Edit2Perceive: encoding the %s prompt once with %s on %s", task, encoders.t5.weights.name, device)
+    (embeddings,) = encode_prompts([get_task(task).prompt], encoders, device, torch.bfloat16)  # the reference's dtype
+    comfy.model_management.soft_empty_cache()
+    target = Path(folder_paths.get_folder_paths(PROMPTS_FOLDER)[0]) / f"{task}.safetensors"
+    save_prompt_embeddings(embeddings, target)
+    return target
 
 
 def encode_with_clip(clip, text: str) -> PromptEmbeddings:
@@ -135,7 +163,7 @@ def task_embeddings(task: str, embeddings: str = AUTO, clip=None, prompt_overrid
     if cached is not None:
         return load_prompt_embeddings(cached)
     if cache_name is None and clip is None:
-        return load_task_embeddings(task, embeddings)
+        return load_task_embeddings(task, embeddings, node_id)
     if clip is None:
         raise InputError("the CLIP input is linked but was not evaluated; run the workflow again")
     encoded = encode_with_clip(clip, text)
@@ -168,8 +196,9 @@ def conditioning_to_prompt(conditioning: list) -> tuple[str, PromptEmbeddings, f
 
 
 # Inputs shared with the all-in-one nodes.
-EMBEDDINGS_TOOLTIP = (f"Prompt embeddings in models/{PROMPTS_FOLDER}; 'auto' = <task>.safetensors (made once with "
-                      f"`python -m e2p_core embed-prompts`). Ignored when a CLIP is connected.")
+EMBEDDINGS_TOOLTIP = (f"Prompt embeddings in models/{PROMPTS_FOLDER}; 'auto' = <task>.safetensors, made once when "
+                      "missing with CLIP-L + T5 from models/text_encoders (downloaded there if absent: 10 GB). "
+                      "Ignored when a CLIP is connected.")
 CLIP_INPUT = ("CLIP", {"lazy": True, "tooltip": (
     "Optional FLUX text encoders (DualCLIPLoader, type flux). The prompt is encoded once and cached in "
     f"models/{PROMPTS_FOLDER}/{CLIP_CACHE_FOLDER}; later runs never load the encoders.")})

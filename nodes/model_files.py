@@ -13,13 +13,24 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..e2p_core.hub import MODEL_FILES, ModelFile, Store, find_local, resolve
+from ..e2p_core.hub import MODEL_FILES, ModelFile, ProgressCallback, Store, find_local, resolve
 
 
-def comfy_store() -> Store:
+def comfy_store(progress: ProgressCallback | None = None) -> Store:
     """Every folder ComfyUI knows for a model folder (extra_model_paths.yaml included); downloads go to the first."""
     return Store(lambda folder: [Path(path) for path in folder_paths.get_folder_paths(folder)],
-                 "ComfyUI's model folders")
+                 "ComfyUI's model folders", progress)
+
+
+def download_progress(total_bytes: int, node_id: str | None = None) -> ProgressCallback:
+    """A download's bytes on a ComfyUI progress bar of ``node_id``; raises at Cancel (what arrived is kept)."""
+    progress_bar = comfy.utils.ProgressBar(total_bytes, node_id=node_id)
+
+    def report(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        progress_bar.update_absolute(done, total or None)
+
+    return report
 
 
 def download_label(file: ModelFile) -> str:
@@ -53,13 +64,7 @@ def full_path(folder: str, choice: str, node_id: str | None = None) -> str:
     file = _table_file(folder, choice)
     if file is None:
         return folder_paths.get_full_path_or_raise(folder, choice)  # ComfyUI's own "not found" error
-    progress_bar = comfy.utils.ProgressBar(file.approx_bytes, node_id=node_id)
-
-    def report(done: int, total: int) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        progress_bar.update_absolute(done, total or None)
-
-    return str(resolve(file, comfy_store(), progress=report))
+    return str(resolve(file, comfy_store(download_progress(file.approx_bytes, node_id))))
 
 
 def _table_files(folder: str) -> list[ModelFile]:

@@ -103,7 +103,8 @@ def test_task_conditioning_from_file(folders, prompt_files):
     assert torch.equal(by_name[0][0], load_file(prompt_files["depth"])["prompt_embeds"])
     (folders["e2p_prompts"] / "depth.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"'depth\.safetensors' not found in .*e2p_prompts.*embed-prompts"):
-        E2PTaskConditioning().encode("depth", "auto")
+        E2PTaskConditioning().encode("normal", "depth.safetensors")  # ('auto' encodes a missing file: see
+        # test_nodes_prompt_download.py)
 
 
 def test_clip_runs_once_per_prompt_and_the_cache_is_read_after(folders):

@@ -59,10 +59,12 @@ class Store:
 
     ``folders(folder_name)`` lists the folders searched for a file of that ComfyUI folder (``loras``, ``vae``, ...);
     downloads go into the first. Without ``folders`` only the Hugging Face cache is used, and downloads go there.
+    ``progress`` follows the downloads made for this store when a call gives none (e.g. a ComfyUI progress bar).
     """
 
     folders: Callable[[str], Sequence[Path]] | None = None
     description: str = "the Hugging Face cache"
+    progress: ProgressCallback | None = None
 
     @classmethod
     def directory(cls, path: str | os.PathLike) -> Store:
@@ -148,7 +150,7 @@ def resolve_all(
     _check_free_disk(missing, store)
     for index, file in enumerate(missing):
         try:
-            paths[file.key] = _download(file, store, progress)
+            paths[file.key] = _download(file, store, progress or store.progress)
         except _Unreachable as error:
             raise HubError(_missing_message(missing[index:], store, f"the hub is unreachable ({error})")) from None
     return paths
