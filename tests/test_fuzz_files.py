@@ -4,8 +4,11 @@ e2p_core up to the models built from them, the ComfyUI nodes and the CLI. Each f
 error with a message; the CLI then exits with status 2 and writes nothing. Budget and seed: the hypothesis profile
 in tests/conftest.py."""
 
+import functools
 import json
 import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +143,35 @@ def test_cli_convert_ends_in_an_error_and_writes_nothing(folder, blob, kind, to)
     out = folder / "convert_out"
     run_cli_expecting_error(main, ["convert", "--kind", kind, "--input", str(path), "--to", to,
                                    "--output", str(out / "converted.safetensors")], out)
+
+
+@functools.cache
+def gguf_bytes() -> bytes:
+    """The fixture DiT as a city96-style Q8_0 GGUF (a function, not a fixture: hypothesis would print its bytes)."""
+    from test_memory_modes import write_gguf
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_gguf(Path(folder) / "valid.gguf", FIXTURE_WEIGHTS["dit"])
+        return (Path(folder) / "valid.gguf").read_bytes()
+
+
+@st.composite
+def damaged(draw, blob: bytes) -> bytes:
+    """``blob`` truncated, with a few bytes overwritten, or both."""
+    data = bytearray(blob[:draw(st.integers(0, len(blob)))] if draw(st.booleans()) else blob)
+    for _ in range(draw(st.integers(0 if len(data) < len(blob) else 1, 4))):
+        if data:
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+@settings(max_examples=30)
+@given(data=st.data())
+def test_damaged_gguf_files(folder, data):
+    """A city96-style GGUF DiT, truncated or with bytes overwritten (header, tensor infos or data)."""
+    from e2p_core.backends.gguf import load_gguf_dit
+
+    path = folder / "damaged.gguf"
+    valid = gguf_bytes()
+    path.write_bytes(data.draw(damaged(valid) | damaged(valid[:512]) | st.binary(max_size=64)))
+    parses_or_user_error(load_gguf_dit, path, TINY_DIT_CONFIG)

@@ -68,19 +68,21 @@ def read_gguf(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a GGUF file: quantised ones as ``GGUFParameter``, F32/F16/BF16 ones as plain tensors."""
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from exc
+        # A copy of each tensor: the reader's arrays are read-only views of a mmap.
+        entries = [(tensor.name, tensor.tensor_type, torch.from_numpy(np.array(tensor.data)))
+                   for tensor in reader.tensors]
+    except Exception as exc:  # gguf-py's parser fails on a damaged file with whatever error it meets first
+        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or damaged?): "
+                              f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     tensors: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        kind = tensor.tensor_type
-        data = torch.from_numpy(np.array(tensor.data))  # a copy: the reader's arrays are read-only views of a mmap
+    for name, kind, data in entries:
         if kind in PLAIN_TYPES:
-            tensors[tensor.name] = data.view(PLAIN_TYPES[kind]) if data.dtype != PLAIN_TYPES[kind] else data
+            tensors[name] = data.view(PLAIN_TYPES[kind]) if data.dtype != PLAIN_TYPES[kind] else data
         elif kind in SUPPORTED_GGUF_QUANT_TYPES:
-            tensors[tensor.name] = GGUFParameter(data.view(torch.uint8), quant_type=kind)
+            tensors[name] = GGUFParameter(data.view(torch.uint8), quant_type=kind)
         else:
             supported = ", ".join(t.name for t in SUPPORTED_GGUF_QUANT_TYPES)
-            raise CheckpointError(f"{path}: tensor {tensor.name} has GGUF type {kind.name}, which cannot be "
+            raise CheckpointError(f"{path}: tensor {name} has GGUF type {kind.name}, which cannot be "
                                   f"dequantised here; supported: {supported}")
     return tensors
 
