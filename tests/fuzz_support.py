@@ -126,3 +126,13 @@ def safetensors_bytes(draw):
     if kind == "truncated":
         blob = blob[:draw(st.integers(0, len(blob)))]
     return blob
+
+
+@st.composite
+def damaged(draw, blob: bytes) -> bytes:
+    """``blob`` (a valid file) truncated, with a few bytes overwritten, or both."""
+    data = bytearray(blob[:draw(st.integers(0, len(blob)))] if draw(st.booleans()) else blob)
+    for _ in range(draw(st.integers(0 if len(data) < len(blob) else 1, 4))):
+        if data:
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_support import load_pack
-from fuzz_support import arrays, parses_or_user_error, run_cli_expecting_error, safetensors_bytes
+from fuzz_support import arrays, damaged, parses_or_user_error, run_cli_expecting_error, safetensors_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
@@ -153,16 +153,6 @@ def gguf_bytes() -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         write_gguf(Path(folder) / "valid.gguf", FIXTURE_WEIGHTS["dit"])
         return (Path(folder) / "valid.gguf").read_bytes()
-
-
-@st.composite
-def damaged(draw, blob: bytes) -> bytes:
-    """``blob`` truncated, with a few bytes overwritten, or both."""
-    data = bytearray(blob[:draw(st.integers(0, len(blob)))] if draw(st.booleans()) else blob)
-    for _ in range(draw(st.integers(0 if len(data) < len(blob) else 1, 4))):
-        if data:
-            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
-    return bytes(data)
 
 
 @settings(max_examples=30)
