@@ -98,7 +98,7 @@ def perceive(
     is None) for callers that take ``postprocessed`` to their own grid, as the evaluation does.
     """
     spec = get_task(task)
-    frames = _as_frames(images)
+    frames = as_frames(images)
     geometry = plan_geometry(frames[0].shape[:2], resize, resolution)
     dtype, device = denoiser.dtype, denoiser.device
 
@@ -118,7 +118,7 @@ def perceive(
     # 3. The initial latent: the same fixed-seed noise for every frame, so videos do not flicker.
     if noise is None:
         noise = initial_noise(latent_hw, seed, device)  # [1,16,h,w] float32
-    latent = _check_noise(noise, latent_hw, len(frames)).to(device, dtype)
+    latent = check_noise(noise, latent_hw, len(frames)).to(device, dtype)
 
     # 4. Sample. Sigmas stay float32 so each update is computed and carried in float32, as in the reference.
     schedule = make_schedule(steps)
@@ -157,7 +157,7 @@ def postprocess(task: Task, decoded: torch.Tensor) -> torch.Tensor:
     return mapped01.mean(dim=1, keepdim=True)
 
 
-def _as_frames(images) -> list:
+def as_frames(images) -> list:
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
         return [images]
     frames = list(images)
@@ -207,12 +207,13 @@ def _as_point_maps(point_map, input_hw: tuple[int, int], batch: int) -> list:
     return list(maps) * (batch if maps.shape[0] == 1 else 1)
 
 
-def _check_noise(noise: torch.Tensor, latent_hw: tuple[int, int], batch: int) -> torch.Tensor:
+def check_noise(noise: torch.Tensor, latent_hw: tuple[int, int], batch: int, what: str = "noise") -> torch.Tensor:
+    """``noise`` [1 or B,16,h,w] checked and expanded to [B,16,h,w]; ``what`` names it in errors."""
     expected = (LATENT_CHANNELS, *latent_hw)
     if noise.ndim != 4 or tuple(noise.shape[1:]) != expected or noise.shape[0] not in (1, batch):
         shape = ",".join(map(str, expected))
         allowed = f"[1,{shape}]" + (f" or [{batch},{shape}]" if batch > 1 else "")
-        raise InputError(f"noise must be {allowed} for this image and processing size, got {list(noise.shape)}")
+        raise InputError(f"{what} must be {allowed} for this image and processing size, got {list(noise.shape)}")
     if not torch.isfinite(noise).all():
-        raise InputError("noise contains NaN or infinite values")
+        raise InputError(f"{what} contains NaN or infinite values")
     return noise.expand(batch, *expected)

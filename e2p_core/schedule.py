@@ -7,10 +7,13 @@ The reference ``FlowMatchScheduler`` uses a *static* shift of 3 on ``linspace(1,
   ``sigma_last`` is the last sigma of the 1000-point training grid (0.00892857), so the factor is -0.99107143, not -1.
 * N >= 2 steps: Euler on the shifted N-point grid, ending at sigma = 0.
 
+FE2E (Step1X-Edit) has its own schedule, :func:`fe2e_timesteps`: BFL's resolution-shifted grid.
+
 Sigmas are float32 *tensors* with a dimension: a 0-d float32 scalar times a bf16 tensor stays bf16 in PyTorch,
 whereas the reference's dimensioned float32 sigmas promote the product to float32.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,3 +71,24 @@ def initial_noise(latent_hw: tuple[int, int], seed: int, device: torch.device | 
     """
     generator = torch.Generator(device).manual_seed(int(seed))
     return torch.randn((1, LATENT_CHANNELS, *latent_hw), generator=generator, device=device, dtype=torch.float32)
+
+
+# FE2E / Step1X-Edit (BFL ``get_schedule``): mu grows linearly with the token count through these two points.
+FE2E_SHIFT_POINTS = ((256, 0.5), (4096, 1.15))
+
+
+def fe2e_timesteps(steps: int, image_tokens: int) -> list[float]:
+    """FE2E's ``steps + 1`` times from 1 to 0, shifted for ``image_tokens`` target tokens, as Python floats.
+
+    ``t' = e^mu / (e^mu + (1/t - 1))`` evaluated exactly as the reference does, float32 tensor ops included:
+    PyTorch computes ``scalar / tensor`` as reciprocal-then-multiply, so the first time is 0.99999994 rather than
+    1.0 for some token counts, and the DiT sees that value.
+    """
+    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+    (x1, y1), (x2, y2) = FE2E_SHIFT_POINTS
+    slope = (y2 - y1) / (x2 - x1)
+    mu = slope * image_tokens + (y1 - slope * x1)
+    times = torch.linspace(1, 0, steps + 1)
+    shifted = math.exp(mu) / (math.exp(mu) + (1 / times - 1) ** 1.0)
+    return shifted.tolist()

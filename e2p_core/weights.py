@@ -28,10 +28,12 @@ from .checkpoints import (
     load_state_dict,
     merge_lora,
     read_metadata,
+    strip_prefixes,
     to_bfl,
     vae_to_diffusers,
 )
 from .checkpoints.io import SAFETENSORS_SUFFIXES
+from .connector import CONNECTOR_PREFIX, ConnectorArchitecture, infer_connector_architecture, split_connector
 from .errors import CheckpointError
 from .time_embedding import TimeEmbedding, check_time_embedding
 
@@ -71,6 +73,9 @@ def load_dit(
         state_dict, folder_config = load_state_dict(path), {}
         metadata = read_metadata(path) if path.suffix in SAFETENSORS_SUFFIXES else {}
     config = load_config_json(config) if isinstance(config, (str, Path)) else (config or folder_config)
+    if any(key.startswith(CONNECTOR_PREFIX) for key in strip_prefixes(state_dict)):
+        raise CheckpointError(f"{path.name} is a Step1X-Edit (FE2E) checkpoint (it has connector.* tensors), not a "
+                              f"FLUX Kontext / Edit2Perceive DiT; run it as FE2E (--model fe2e)")
     state_dict_bfl, source_format = to_bfl(dequantize(state_dict, fp8_dtype))
     architecture = infer_dit_architecture(state_dict_bfl, config)
     for lora_path, strength in loras:
@@ -107,3 +112,51 @@ def load_vae(path: str | Path, config: str | Path | dict[str, Any] | None = None
     config = load_config_json(config) if isinstance(config, (str, Path)) else (config or folder_config)
     state_dict_diffusers = vae_to_diffusers(state_dict)
     return VAEWeights(state_dict_diffusers, infer_vae_architecture(state_dict_diffusers, config))
+
+
+@dataclass
+class Step1XWeights:
+    """FE2E's model: the Step1X-Edit DiT (BFL naming, LoRA merged) and its Qwen2Connector."""
+
+    dit: DiTWeights
+    connector_state_dict: dict[str, torch.Tensor]  # ``connector.*`` tensors without the prefix
+    connector_architecture: ConnectorArchitecture
+
+
+def load_step1x(
+    path: str | Path,
+    config: str | Path | dict[str, Any] | None = None,
+    loras: list[tuple[str | Path, float]] = (),
+    fp8_dtype: torch.dtype = torch.bfloat16,
+) -> Step1XWeights:
+    """``step1x-edit-i1258.safetensors`` (or its FP8 variant) + the FE2E LoRA -> :class:`Step1XWeights`.
+
+    ``config`` is a diffusers-style DiT config that may carry a ``connector`` object (``in_channels``,
+    ``hidden_size``, ``num_attention_heads``, ``depth``, ``mlp_ratio``) for non-standard sizes. LoRAs are merged
+    like the reference's kohya merger: ``W + strength * alpha/rank * up @ down`` in float32, cast back.
+    """
+    path = Path(path)
+    config = load_config_json(config) if isinstance(config, (str, Path)) else dict(config or {})
+    state_dict = strip_prefixes(load_state_dict(path))
+    dit_state_dict, connector_state_dict = split_connector(state_dict)
+    if not connector_state_dict:
+        raise CheckpointError(f"{path.name} has no connector.* tensors: it is not a Step1X-Edit (FE2E) checkpoint "
+                              f"but a FLUX / Edit2Perceive DiT; run it as Edit2Perceive (--model e2p)")
+    state_dict_bfl, source_format = to_bfl(dequantize(dit_state_dict, fp8_dtype))
+    if "guidance_in.in_layer.weight" in state_dict_bfl:
+        raise CheckpointError(f"{path.name} has a guidance embedder; Step1X-Edit has none (is it a FLUX DiT?)")
+    architecture = infer_dit_architecture(state_dict_bfl, config)
+    for lora_path, strength in loras:
+        if recorded_time_embedding([(lora_path, strength)]) is not None:
+            raise CheckpointError(f"{Path(lora_path).name} is an Edit2Perceive LoRA (it records the FLUX Kontext "
+                                  f"timestep embedding it was trained with); FE2E takes the LoRA made for "
+                                  f"Step1X-Edit (LDRN.safetensors)")
+        lora = load_lora_file(lora_path, architecture.mlp_ratio)
+        state_dict_bfl = merge_lora(state_dict_bfl, lora, strength, source=Path(lora_path).name)
+    connector_state_dict = dequantize(connector_state_dict, fp8_dtype)
+    connector_architecture = infer_connector_architecture(connector_state_dict, config.get("connector"))
+    if connector_architecture.hidden_size != architecture.text_dim:
+        raise CheckpointError(f"{path.name}: the connector is {connector_architecture.hidden_size} wide but the DiT's "
+                              f"txt_in takes {architecture.text_dim}")
+    dit = DiTWeights(state_dict_bfl, architecture, source_format, None)
+    return Step1XWeights(dit, connector_state_dict, connector_architecture)

@@ -43,20 +43,38 @@ class ReferenceRMSNorm(torch.nn.Module):
         return normed * self.weight
 
 
+class Float32RMSNorm(torch.nn.Module):
+    """Step1X-Edit's q/k RMSNorm (Liger's "gemma" casting): normalise AND weight in float32, round once."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        normed = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(hidden_states.dtype)
+
+
+QK_NORMS = {"diffsynth": ReferenceRMSNorm, "float32": Float32RMSNorm}
+
+
 class ReferenceFluxTransformer(FluxTransformer2DModel):
     """Flux DiT whose forward takes E2P timesteps (1000 * sigma) and returns the image-token velocity.
 
-    Same parameters and state-dict keys as ``FluxTransformer2DModel``; only the forward and the q/k norms differ.
+    Same parameters and state-dict keys as ``FluxTransformer2DModel``; only the forward and the q/k norms differ
+    (``qk_norm``: ``diffsynth`` for Edit2Perceive, ``float32`` for FE2E's Step1X-Edit).
     """
 
-    def __init__(self, *args, time_embedding: TimeEmbedding = "reference", **kwargs):
+    def __init__(self, *args, time_embedding: TimeEmbedding = "reference", qk_norm: str = "diffsynth", **kwargs):
         super().__init__(*args, **kwargs)
         self.time_embedding = check_time_embedding(time_embedding)
         for module in self.modules():
             for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
                 norm = getattr(module, name, None)
                 if isinstance(norm, torch.nn.RMSNorm):
-                    setattr(module, name, ReferenceRMSNorm(norm.normalized_shape[0], norm.eps))
+                    setattr(module, name, QK_NORMS[qk_norm](norm.normalized_shape[0], norm.eps))
 
     def conditioning(self, timestep, guidance, pooled_projections, dtype) -> torch.Tensor:
         """The modulation vector of every block, [B,hidden], in the reference's summation order."""
@@ -83,10 +101,15 @@ class ReferenceFluxTransformer(FluxTransformer2DModel):
                     block, hidden_states, encoder_hidden_states, temb, rotary
                 )
             else:
-                encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, rotary)
+                encoder_hidden_states, hidden_states = self.run_block(block, hidden_states, encoder_hidden_states,
+                                                                      temb, rotary)
 
         hidden_states = self.norm_out(hidden_states, temb)
         return self.proj_out(hidden_states)  # [B,N,64]
+
+    def run_block(self, block, hidden_states, encoder_hidden_states, temb, rotary):
+        """One double or single block -> (text stream, image stream); a model family may round differently."""
+        return block(hidden_states, encoder_hidden_states, temb, rotary)
 
 
 class DiffusersDenoiser:
@@ -128,6 +151,13 @@ class DiffusersCodec:
         mean = self.vae.encode(pixels).latent_dist.mode()  # [B,16,H/8,W/8]; the mean, never a sample
         return (mean - self.shift) * self.scale
 
+    def encode_sample(self, pixels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """FE2E's encode: the posterior SAMPLE ``mean + exp(logvar/2) * eps`` (``eps`` [1 or B,16,h,w]), then shift
+        and scale. The moments are read unclamped, as BFL's ``DiagonalGaussian`` uses them."""
+        mean, logvar = self.vae.encode(pixels).latent_dist.parameters.chunk(2, dim=1)  # each [B,16,H/8,W/8]
+        sample = mean + torch.exp(0.5 * logvar) * eps.to(mean.device, mean.dtype)
+        return (sample - self.shift) * self.scale
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.scale + self.shift).sample  # [B,3,H,W]
 
@@ -138,13 +168,16 @@ def build_transformer(
     dtype: torch.dtype,
     device: torch.device | str,
     time_embedding: TimeEmbedding = "reference",
+    qk_norm: str = "diffsynth",
+    model_class: type[ReferenceFluxTransformer] = ReferenceFluxTransformer,
 ) -> ReferenceFluxTransformer:
     """Build on the meta device and adopt the given tensors (no second copy of the weights in memory).
 
     GGUF-quantised weights (``backends.gguf``) stay quantised, in ``GGUFLinear`` layers computing in ``dtype``.
     """
     with torch.device("meta"):
-        transformer = ReferenceFluxTransformer(**architecture.to_diffusers_config(), time_embedding=time_embedding)
+        transformer = model_class(**architecture.to_diffusers_config(), time_embedding=time_embedding,
+                                  qk_norm=qk_norm)
     quantized = {key: value for key, value in state_dict_diffusers.items() if _is_gguf_quantized(value)}
     if quantized:
         from .gguf import adopt_quantized_weights
