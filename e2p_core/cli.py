@@ -16,7 +16,6 @@ Everything is checked before anything is written, and outputs are written atomic
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -32,10 +31,10 @@ from .checkpoints import (
     lora_to_diffusers_peft,
     lora_to_kohya,
     save_safetensors_atomic,
-    stage_file,
     vae_diffusers_to_bfl,
     vae_to_diffusers,
 )
+from .cli_outputs import publish, write_map
 from .cli_models import (
     DTYPES,
     add_model_arguments,
@@ -66,8 +65,23 @@ logger = logging.getLogger("e2p_core")
 
 
 def predict(args: argparse.Namespace) -> None:
+    if args.model == "fe2e":
+        from .cli_fe2e import predict_fe2e
+
+        return predict_fe2e(args)
     from .pipeline import perceive
 
+    if not args.task:
+        raise InputError("--task is required for Edit2Perceive (--model e2p)")
+    for flag, value in (("--prompt-cache", args.prompt_cache), ("--out-normal", args.out_normal),
+                        ("--encode-noise", args.encode_noise)):
+        if value:
+            raise InputError(f"{flag} belongs to FE2E (--model fe2e)")
+    if isinstance(args.resolution, tuple):
+        raise InputError("--resolution WxH is FE2E's; Edit2Perceive takes N or native (with --resize)")
+    args.seed = 42 if args.seed is None else args.seed
+    args.resize = args.resize or "aligned"
+    args.resolution = 768 if args.resolution is None else args.resolution
     # Read and check every input before loading models, so a typo costs nothing and nothing is written.
     _check_output_path(args.out, (".png", ".npy"), "--out")
     if args.raw:
@@ -171,17 +185,7 @@ def _write_outputs(args, result: Perception) -> None:
             raw["point_map"] = result.point_map
         raw = {key: value.detach().cpu().contiguous() for key, value in raw.items()}
         writers[args.raw] = lambda tmp: save_file(raw, tmp, metadata=_raw_metadata(args))
-    staged = {}
-    try:
-        for final, write in writers.items():
-            staged[final] = stage_file(final, write)
-    except BaseException:
-        for temp in staged.values():
-            temp.unlink(missing_ok=True)
-        raise
-    for final, temp in staged.items():
-        os.replace(temp, final)
-    logger.info("wrote %s", ", ".join(staged))
+    publish(writers)
 
 
 def _raw_metadata(args) -> dict[str, str]:
@@ -203,16 +207,7 @@ def _save_view(path: str, args, result: Perception) -> None:
         view = (normals if as_npy else normals_to_rgb01(normals)).permute(1, 2, 0).numpy()
     else:
         view = output[0].numpy()
-    if as_npy:
-        with open(path, "wb") as handle:  # a file object: np.save would append ".npy" to the temp name
-            np.save(handle, view.astype(np.float32))
-        return
-    from PIL import Image
-
-    if view.ndim == 3:  # normal maps: 8-bit RGB, what every normal-map consumer reads
-        Image.fromarray(np.round(np.clip(view, 0, 1) * 255).astype(np.uint8)).save(path, format="PNG")
-    else:  # depth and alpha: 16-bit grayscale keeps the fine gradations 8 bits would band
-        Image.fromarray(np.round(np.clip(view, 0, 1) * 65535).astype(np.uint16)).save(path, format="PNG")
+    write_map(path, view, as_npy)
 
 
 # ------------------------------------------------------------------------------------------------------- convert
@@ -273,8 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("predict", help="run Edit2Perceive on one image")
-    p.add_argument("--task", required=True, choices=sorted(TASKS), help="what to predict")
+    p = commands.add_parser("predict", help="run Edit2Perceive (or FE2E) on one image")
+    p.add_argument("--model", choices=("e2p", "fe2e"), default="e2p",
+                   help="e2p: Edit2Perceive on FLUX.1 Kontext (default); fe2e: FE2E on Step1X-Edit, depth AND normals "
+                        "from one pass (--out depth, --out-normal normals)")
+    p.add_argument("--task", choices=sorted(TASKS), help="what to predict (Edit2Perceive)")
     add_model_arguments(p)
     p.add_argument("--image", required=True, help="input image (RGB; grayscale and RGBA are converted)")
     p.add_argument("--out", required=True, help="output map: .png (16-bit gray for depth/alpha, 8-bit RGB for "
@@ -282,8 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", help="also write the stages velocity, latent, decoded, output (and point_map), at the "
                                  "processing size, to this safetensors file")
     p.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, the paper's setting)")
-    p.add_argument("--seed", type=int, default=42, help="noise seed (default 42, as the reference)")
-    p.add_argument("--noise", help="safetensors with key 'noise' [1,16,h,w] to use instead of seeded noise")
+    p.add_argument("--seed", type=int, help="noise seed (default as the reference: 42, FE2E 1234)")
+    p.add_argument("--noise", help="safetensors with key 'noise' [1,16,h,w] to use instead of seeded noise (FE2E: "
+                                   "the start latent)")
+    p.add_argument("--prompt-cache", help="FE2E: the cached empty-prompt Qwen2.5-VL embedding no_info.npz (from the "
+                                          "FE2E repository, latent/no_info.npz)")
+    p.add_argument("--encode-noise", help="FE2E: safetensors with key 'eps' [1,16,h,w], the VAE posterior sample's "
+                                          "noise (default: drawn from --seed)")
+    p.add_argument("--out-normal", help="FE2E: also write the normal map (.png 8-bit RGB or .npy)")
     p.add_argument("--points", help="matting clicks: KJNodes JSON [{\"x\":..,\"y\":..}] (string or file)")
     p.add_argument("--negative-points", help="negative clicks (ignored: the model was trained on positives only)")
     p.add_argument("--points-space", choices=("auto", "pixels", "normalized"), default="auto",
@@ -296,10 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point-mask", help="matting foreground mask at the image size (PNG, or safetensors "
                                         "'point_mask'): 10 points are sampled where it exceeds 0.8, as in training")
     p.add_argument("--point-map", help="soft point map in [0,1] at the image size: PNG or safetensors 'point_map'")
-    p.add_argument("--resize", choices=("aligned", "reference"), default="aligned",
-                   help="aligned: keep aspect, pad to /16, exact H x W back (default); reference: square squash")
-    p.add_argument("--resolution", type=resolution_arg, default=768,
-                   help="processing size: longer side (aligned) or square side (reference), or 'native'")
+    p.add_argument("--resize", choices=("aligned", "reference"),
+                   help="aligned: keep aspect, pad to /16, exact H x W back (Edit2Perceive's default); reference: the "
+                        "official sizes (Edit2Perceive: square squash; FE2E: its size buckets, FE2E's default)")
+    p.add_argument("--resolution", type=resolution_arg,
+                   help="processing size: longer side (aligned) or square side (reference), 'native', or WxH exactly "
+                        "(FE2E); default 768 (Edit2Perceive), FE2E's buckets")
     p.add_argument("--depth-polarity", choices=("near_white", "near_black"), default="near_white",
                    help="depth --out polarity: near_white for ControlNet (default), near_black as predicted")
     p.add_argument("--normal-convention", choices=("controlnet_bae", "opengl", "directx"), default="controlnet_bae",

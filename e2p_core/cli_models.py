@@ -86,14 +86,16 @@ def lora_arg(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def resolution_arg(value: str) -> int | str:
-    """An integer processing size, or ``native``."""
+def resolution_arg(value: str) -> int | str | tuple[int, int]:
+    """An integer processing size, ``native``, or ``WxH`` -> ``(height, width)`` (exactly that size)."""
     if value == "native":
         return value
+    width, sep, height = value.lower().partition("x")
     try:
-        return int(value)
+        return (int(height), int(width)) if sep else int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'native', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer, 'native' or WxH (e.g. 1024x768), got {value!r}"
+                                         ) from None
 
 
 def load_model(

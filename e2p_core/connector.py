@@ -208,6 +208,9 @@ class Qwen2Connector(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """text float32 [B,L,D], timestep [B] in the compute dtype and already x1000, mask int [B,L]
         -> (txt [B,L,hidden], y [B,pooled]) in the compute dtype."""
+        if text.shape[-1] != self.arch.in_channels:
+            raise InputError(f"the prompt cache holds {text.shape[-1]}-wide embeddings; this checkpoint's connector "
+                             f"takes {self.arch.in_channels} (Qwen2.5-VL-7B's 3584 for Step1X-Edit)")
         dtype = self.global_proj_out.weight.dtype
         mean = masked_mean(text, mask)  # float32 [B,D]
         pooled = self.global_proj_out((mean * (1 + self.scale_factor.to(text.dtype))).to(dtype))  # [B,pooled]

@@ -13,7 +13,9 @@ position ids, the denoiser/codec seam, decoding and restoring the input size. Wh
   rounded to the compute dtype, the Euler factor uses the unrounded times, and the target stays in the compute dtype;
 * **readout**: depth = the Euler result on the target half; normals = the raw last prediction on the REFERENCE half;
 * **no CFG**: the reference runs a conditional and an unconditional row with the same empty prompt, so
-  ``uncond + 6 * (cond - uncond) == cond``; one row is run.
+  ``uncond + 6 * (cond - uncond) == cond``; the combination is skipped. ``cfg_rows=2`` (the default) still runs
+  the two identical rows in one batch, because a GEMM's rounding depends on its row count on CPU: that makes bf16
+  runs bit-exact with the reference there; ``cfg_rows=1`` halves the DiT work and agrees to bf16 rounding.
 * **postprocessing**: depth ``clamp(-1,1)`` -> [0,1], channel mean; normals ``clamp(-1,1)``; both resized back
   bilinearly (align_corners=False, no antialias), normals made unit with a 1e-9 floor (FE2E's evaluation).
 
@@ -91,6 +93,7 @@ def perceive_fe2e(
     encode_noise: torch.Tensor | None = None,
     resize: Literal["aligned", "reference"] = "reference",
     resolution: Resolution = "buckets",
+    cfg_rows: Literal[1, 2] = 2,
     on_step: Callable[[int, int], None] | None = None,
 ) -> Fe2ePerception:
     """Run FE2E on a batch of same-size images ([B,H,W,3] uint8 or float in [0,1], or one [H,W,3]).
@@ -99,6 +102,8 @@ def perceive_fe2e(
     drawn from ``seed`` when not given (the reference seeds both from the same seed). ``on_step(i, steps)`` runs
     before every DiT call.
     """
+    if cfg_rows not in (1, 2):
+        raise InputError(f"cfg_rows must be 1 or 2, got {cfg_rows!r}")
     frames = as_frames(images)
     geometry = plan_fe2e_geometry(frames[0].shape[:2], resize, resolution)
     dtype, device = denoiser.dtype, denoiser.device
@@ -136,7 +141,8 @@ def perceive_fe2e(
         if on_step is not None:
             on_step(i, steps)
         timestep = torch.full((batch,), t_current, dtype=dtype, device=device) * 1000  # [B]
-        prediction = denoiser(torch.cat([target, reference_tokens], dim=1), ids, timestep, None, prompt)  # [B,2N,64]
+        tokens = torch.cat([target, reference_tokens], dim=1).repeat(cfg_rows, 1, 1)  # [rows*B,2N,64]
+        prediction = denoiser(tokens, ids, timestep.repeat(cfg_rows), None, prompt)[:batch]  # [B,2N,64]
         first_prediction = prediction if first_prediction is None else first_prediction
         target = target + (t_next - t_current) * prediction[:, :n_target]
 

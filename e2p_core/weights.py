@@ -79,6 +79,10 @@ def load_dit(
     state_dict_bfl, source_format = to_bfl(dequantize(state_dict, fp8_dtype))
     architecture = infer_dit_architecture(state_dict_bfl, config)
     for lora_path, strength in loras:
+        if lora_family(lora_path) == "fe2e":
+            raise CheckpointError(f"{Path(lora_path).name} looks like FE2E's Step1X-Edit LoRA (kohya sd-scripts "
+                                  f"format with a float alpha of rank/2), not a FLUX Kontext / Edit2Perceive LoRA; run "
+                                  f"it with --model fe2e")
         lora = load_lora_file(lora_path, architecture.mlp_ratio)
         state_dict_bfl = merge_lora(state_dict_bfl, lora, strength, source=Path(lora_path).name)
     return DiTWeights(state_dict_bfl, architecture, source_format, recorded_time_embedding(loras, metadata))
@@ -127,13 +131,15 @@ def load_step1x(
     path: str | Path,
     config: str | Path | dict[str, Any] | None = None,
     loras: list[tuple[str | Path, float]] = (),
-    fp8_dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
 ) -> Step1XWeights:
     """``step1x-edit-i1258.safetensors`` (or its FP8 variant) + the FE2E LoRA -> :class:`Step1XWeights`.
 
     ``config`` is a diffusers-style DiT config that may carry a ``connector`` object (``in_channels``,
-    ``hidden_size``, ``num_attention_heads``, ``depth``, ``mlp_ratio``) for non-standard sizes. LoRAs are merged
-    like the reference's kohya merger: ``W + strength * alpha/rank * up @ down`` in float32, cast back.
+    ``hidden_size``, ``num_attention_heads``, ``depth``, ``mlp_ratio``) for non-standard sizes. ``dtype`` is the
+    compute dtype: the reference casts the model to it BEFORE merging the LoRAs, which it merges like kohya's
+    merger, ``W + strength * alpha/rank * up @ down`` in float32, cast back (fp8 files are upcast to ``dtype``,
+    bf16 when None).
     """
     path = Path(path)
     config = load_config_json(config) if isinstance(config, (str, Path)) else dict(config or {})
@@ -142,21 +148,53 @@ def load_step1x(
     if not connector_state_dict:
         raise CheckpointError(f"{path.name} has no connector.* tensors: it is not a Step1X-Edit (FE2E) checkpoint "
                               f"but a FLUX / Edit2Perceive DiT; run it as Edit2Perceive (--model e2p)")
-    state_dict_bfl, source_format = to_bfl(dequantize(dit_state_dict, fp8_dtype))
+    state_dict_bfl, source_format = to_bfl(dequantize(dit_state_dict, dtype or torch.bfloat16))
+    if dtype is not None:
+        state_dict_bfl = {key: value.to(dtype) for key, value in state_dict_bfl.items()}
     if "guidance_in.in_layer.weight" in state_dict_bfl:
         raise CheckpointError(f"{path.name} has a guidance embedder; Step1X-Edit has none (is it a FLUX DiT?)")
     architecture = infer_dit_architecture(state_dict_bfl, config)
     for lora_path, strength in loras:
-        if recorded_time_embedding([(lora_path, strength)]) is not None:
-            raise CheckpointError(f"{Path(lora_path).name} is an Edit2Perceive LoRA (it records the FLUX Kontext "
-                                  f"timestep embedding it was trained with); FE2E takes the LoRA made for "
-                                  f"Step1X-Edit (LDRN.safetensors)")
+        if lora_family(lora_path) == "e2p":
+            raise CheckpointError(f"{Path(lora_path).name} is an Edit2Perceive (FLUX Kontext) LoRA, not one for "
+                                  f"Step1X-Edit: FE2E takes its own LoRA (LDRN.safetensors); run this one with "
+                                  f"--model e2p")
         lora = load_lora_file(lora_path, architecture.mlp_ratio)
         state_dict_bfl = merge_lora(state_dict_bfl, lora, strength, source=Path(lora_path).name)
-    connector_state_dict = dequantize(connector_state_dict, fp8_dtype)
+    connector_state_dict = dequantize(connector_state_dict, dtype or torch.bfloat16)
     connector_architecture = infer_connector_architecture(connector_state_dict, config.get("connector"))
     if connector_architecture.hidden_size != architecture.text_dim:
         raise CheckpointError(f"{path.name}: the connector is {connector_architecture.hidden_size} wide but the DiT's "
                               f"txt_in takes {architecture.text_dim}")
     dit = DiTWeights(state_dict_bfl, architecture, source_format, None)
     return Step1XWeights(dit, connector_state_dict, connector_architecture)
+
+
+FE2E_LORA_SCALE = 0.5  # FE2E's LoRA: rank 64, alpha 32
+
+
+def lora_family(path: str | Path) -> str | None:
+    """Which model family a kohya LoRA file was written for: ``"e2p"``, ``"fe2e"`` or None (cannot tell).
+
+    FLUX.1 Kontext and Step1X-Edit have the same module names and shapes, so only how the file was written can tell:
+    Edit2Perceive's LoRAs (DiffSynth's kohya export, ``python -m train``) record ``e2p.time_embedding`` or store
+    ``alpha`` = rank as an integer tensor; FE2E's (kohya sd-scripts' LoRA network) store a float ``alpha`` of half the
+    rank. Other files (PEFT styles, community LoRAs with other scales) are None.
+    """
+    path = Path(path)
+    if path.suffix not in SAFETENSORS_SUFFIXES:
+        return None
+    if TIME_EMBEDDING_METADATA_KEY in read_metadata(path):
+        return "e2p"
+    tensors = load_state_dict(path)
+    alphas = {key[: -len(".alpha")]: value for key, value in tensors.items()
+              if key.startswith("lora_unet_") and key.endswith(".alpha")}
+    if not alphas:
+        return None
+    if all(not alpha.is_floating_point() for alpha in alphas.values()):
+        return "e2p"
+    scales = {float(alpha) / tensors[f"{module}.lora_down.weight"].shape[0] for module, alpha in alphas.items()
+              if f"{module}.lora_down.weight" in tensors}
+    if all(alpha.is_floating_point() for alpha in alphas.values()) and scales == {FE2E_LORA_SCALE}:
+        return "fe2e"
+    return None

@@ -9,6 +9,8 @@ reference keeps it.
 """
 
 import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 from ..connector import PromptCache, Qwen2Connector, build_connector
@@ -23,6 +25,10 @@ class Step1XTransformer(ReferenceFluxTransformer):
     blocks) are ``x * gate + residual`` rounded ONCE (the reference's compiled ``scale_add_residual``); the double
     blocks' attention residual rounds twice, like eager PyTorch. Identical to diffusers' blocks in float32."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_attn_processor(Step1XAttnProcessor())
+
     def run_block(self, block, hidden_states, encoder_hidden_states, temb, rotary):
         if isinstance(block, FluxTransformerBlock):
             return _double_block(block, hidden_states, encoder_hidden_states, temb, rotary)
@@ -32,6 +38,34 @@ class Step1XTransformer(ReferenceFluxTransformer):
 def fused_residual(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``x * gate[:, None] + residual`` in float32, rounded once to ``residual``'s dtype."""
     return (x.float() * gate.unsqueeze(1).float() + residual.float()).to(residual.dtype)
+
+
+class Step1XAttnProcessor:
+    """diffusers' ``FluxAttnProcessor`` without its ``.contiguous()`` before the output projections: the reference
+    projects the strided text/image slices of the attention output, and a bf16 GEMM on a strided input rounds
+    differently on CPU."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        def heads(x):  # [B,S,H*D] -> [B,S,H,D]
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(
+            attn.to_v(hidden_states))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if encoder_hidden_states is not None:  # double block: text first, as in the joint attention
+            text_query = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
+            text_key = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
+            query = torch.cat([text_query, query], dim=1)
+            key = torch.cat([text_key, key], dim=1)
+            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3)  # [B,S,H*D]
+        if encoder_hidden_states is None:
+            return out
+        text_length = encoder_hidden_states.shape[1]
+        return attn.to_out[0](out[:, text_length:]), attn.to_add_out(out[:, :text_length])
 
 
 def _double_block(block: FluxTransformerBlock, image, text, temb, rotary):
@@ -73,7 +107,7 @@ class Step1XDenoiser:
     def text_conditioning(self, cache: PromptCache, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(txt [B,L,hidden], pooled [B,vec]) for ``timestep`` [B] (1000 * t, compute dtype)."""
         batch = timestep.shape[0]
-        return self.connector(cache.embeds.expand(batch, -1, -1), timestep, cache.mask.expand(batch, -1))
+        return self.connector(cache.embeds.repeat(batch, 1, 1), timestep, cache.mask.repeat(batch, 1))
 
     def __call__(self, tokens, ids, timestep, guidance, prompt: PromptCache) -> torch.Tensor:
         text, pooled = self.text_conditioning(prompt, timestep)  # [B,L,hidden], [B,vec]
