@@ -40,6 +40,7 @@ def predict_fe2e(args: argparse.Namespace) -> None:
     encode_noise = _read_tensor(args.encode_noise, "eps") if args.encode_noise else None
     device, dtype = device_and_dtype(args)
 
+    fill_fe2e_paths(args)
     denoiser, codec = load_fe2e_model(args, device, dtype)
     result = perceive_fe2e(
         denoiser, codec, image, cache.to(device),
@@ -61,9 +62,29 @@ def load_fe2e_model(args: argparse.Namespace, device: torch.device, dtype: torch
     return load_step1x_backend(weights, vae, dtype, device)
 
 
+def fill_fe2e_paths(args: argparse.Namespace) -> None:
+    """``--dit`` / ``--vae`` / ``--lora`` not given: Step1X-Edit's checkpoint and VAE and FE2E's LoRA from the
+    sources table (on disk, else downloaded). A ``--dit`` given adds no LoRA (pass ``--lora``), as for Edit2Perceive."""
+    from .hub.command import store_from_args
+    from .hub.fetch import resolve_all
+
+    wanted = {}
+    if not args.dit:
+        wanted["dit"] = "fe2e_dit"
+        if not args.lora:
+            wanted["lora"] = "fe2e_lora"
+    if not args.vae:
+        wanted["vae"] = "fe2e_vae"
+    if not wanted:
+        return
+    paths = resolve_all(wanted.values(), store_from_args(args))
+    args.dit = str(paths["fe2e_dit"]) if "dit" in wanted else args.dit
+    args.vae = str(paths["fe2e_vae"]) if "vae" in wanted else args.vae
+    if "lora" in wanted:
+        args.lora = [str(paths["fe2e_lora"])]
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
-    if not args.dit or not args.vae:
-        raise InputError("FE2E needs --dit (step1x-edit-i1258.safetensors) and --vae (Step1X-Edit's vae.safetensors)")
     if not args.prompt_cache:
         raise InputError("FE2E needs --prompt-cache no_info.npz (the FE2E repository's latent/no_info.npz)")
     if args.task or args.prompt_embeds or args.text_encoders:

@@ -11,7 +11,15 @@ import logging
 
 from ..tasks import TASKS
 from .fetch import Store, find_local, resolve_all
-from .sources import BASE_CHOICES, TEXT_ENCODER_KEYS, WEIGHTS_CHOICES, format_bytes, model_file, task_model_keys
+from .sources import (
+    BASE_CHOICES,
+    FE2E_MODEL_KEYS,
+    TEXT_ENCODER_KEYS,
+    WEIGHTS_CHOICES,
+    format_bytes,
+    model_file,
+    task_model_keys,
+)
 
 logger = logging.getLogger("e2p_core")
 
@@ -69,10 +77,13 @@ def fill_model_paths(args: argparse.Namespace) -> None:
 
 
 def download(args: argparse.Namespace) -> None:
-    tasks = sorted(TASKS) if args.task == "all" else [args.task]
-    keys = [key for task in tasks for key in task_model_keys(task, args.weights, args.base)]
-    if not args.no_text_encoders:
-        keys += TEXT_ENCODER_KEYS
+    if args.task == "fe2e":  # FE2E runs from a cached prompt embedding: no text encoders
+        keys = list(FE2E_MODEL_KEYS)
+    else:
+        tasks = sorted(TASKS) if args.task == "all" else [args.task]
+        keys = [key for task in tasks for key in task_model_keys(task, args.weights, args.base)]
+        if not args.no_text_encoders:
+            keys += TEXT_ENCODER_KEYS
     keys = list(dict.fromkeys(keys))
     store = store_from_args(args)
     found = {key: find_local(key, store) for key in keys}
@@ -93,7 +104,9 @@ def download(args: argparse.Namespace) -> None:
 def add_download_parser(commands) -> None:
     d = commands.add_parser("download", help="fetch the model files of a task from the Hugging Face hub",
                             description=__doc__.split("\n\n")[0])
-    d.add_argument("--task", required=True, choices=[*sorted(TASKS), "all"], help="which task's files (or all)")
+    d.add_argument("--task", required=True, choices=[*sorted(TASKS), "all", "fe2e"],
+                   help="which task's files (or all); fe2e: Step1X-Edit + its VAE + FE2E's LoRA (no_info.npz comes "
+                        "from the FE2E GitHub repository, latent/no_info.npz)")
     add_source_arguments(d)
     d.add_argument("--no-text-encoders", action="store_true",
                    help="skip CLIP-L + T5-XXL and their tokenizers (10 GB; needed once, to encode the task prompts)")

@@ -18,6 +18,8 @@ SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 E2P_REPO = "Seq2Tri/Edit2Perceive"
 KONTEXT_FP8_REPO = "Comfy-Org/flux1-kontext-dev_ComfyUI"
 TEXT_ENCODERS_REPO = "comfyanonymous/flux_text_encoders"
+STEP1X_REPO = "stepfun-ai/Step1X-Edit"
+FE2E_REPO = "exander/FE2E"
 
 FLUX_DEV_LICENCE = "FLUX.1 [dev] Non-Commercial License"
 
@@ -136,7 +138,26 @@ MODEL_FILES: dict[str, ModelFile] = {file.key: file for file in [
     ),
     *_e2p_files(),
     *_tokenizer_files(),
+    # FE2E: the Step1X-Edit checkpoint (DiT + connector) and its VAE, and FE2E's LoRA. FE2E's empty-prompt embedding
+    # no_info.npz is in the FE2E GitHub repository (latent/no_info.npz), not on the hub: pass --prompt-cache.
+    ModelFile(
+        "fe2e_dit", "diffusion_models", "step1x-edit-i1258.safetensors", 24_900_000_000,
+        HubFile(STEP1X_REPO, "step1x-edit-i1258.safetensors"), "Apache-2.0", False,
+        "Step1X-Edit, the base FE2E was fine-tuned from (DiT in BFL naming + the Qwen2 connector, bf16)",
+    ),
+    ModelFile(
+        "fe2e_vae", "vae", "step1x-edit-vae.safetensors", 335_000_000,
+        HubFile(STEP1X_REPO, "vae.safetensors"), "Apache-2.0", False,
+        "Step1X-Edit's VAE (BFL autoencoder naming)",
+    ),
+    ModelFile(
+        "fe2e_lora", "loras", "LDRN.safetensors", 620_000_000,
+        HubFile(FE2E_REPO, "LDRN.safetensors"), f"see {FE2E_REPO}", False,
+        "FE2E: the rank-64 LoRA (kohya, alpha 32) that turns Step1X-Edit into a depth + normal estimator (~size)",
+    ),
 ]}
+
+FE2E_MODEL_KEYS = ("fe2e_dit", "fe2e_lora", "fe2e_vae")
 
 TOKENIZER_KEYS: dict[str, tuple[str, ...]] = {
     group: tuple(f"{group}/{filename}" for filename in sizes) for group, (_, sizes) in _TOKENIZER_FILES.items()
