@@ -59,6 +59,8 @@ class Fe2ePerception:
     depth_latent: torch.Tensor  # float32 [B,16,h,w]: the Euler result on the target half
     normal_latent: torch.Tensor  # float32 [B,16,h,w]: the last prediction on the reference half
     prediction: torch.Tensor  # model dtype [B,2N,64]: the first DiT output, both halves, token layout
+    depth_processing: torch.Tensor  # float32 [B,1,Hp,Wp] in [0,1]: depth at the processing size (evaluation resizes)
+    normal_processing: torch.Tensor  # float32 [B,3,Hp,Wp]: clamped normals at the processing size, not yet unit
     geometry: Geometry
 
 
@@ -153,11 +155,13 @@ def perceive_fe2e(
     normal_decoded = codec.decode(normal_latent.to(codec.dtype)).float()  # [B,3,Hp,Wp]
 
     # 6. Postprocess as FE2E's evaluation does and return to the input size.
-    depth = restore_fe2e(depth_decoded.clamp(-1, 1).mul(0.5).add(0.5).mean(dim=1, keepdim=True), geometry)
-    normal = restore_fe2e(normal_decoded.clamp(-1, 1), geometry)  # [B,3,H,W]
+    depth_processing = depth_decoded.clamp(-1, 1).mul(0.5).add(0.5).mean(dim=1, keepdim=True)  # [B,1,Hp,Wp]
+    normal_processing = normal_decoded.clamp(-1, 1)  # [B,3,Hp,Wp]
+    depth = restore_fe2e(depth_processing, geometry)  # [B,1,H,W]
+    normal = restore_fe2e(normal_processing, geometry)  # [B,3,H,W]
     normal = normal / torch.linalg.norm(normal, dim=1, keepdim=True).clamp_min(NORMAL_FLOOR)
     return Fe2ePerception(depth, normal, depth_decoded, normal_decoded, depth_latent, normal_latent,
-                          first_prediction, geometry)
+                          first_prediction, depth_processing, normal_processing, geometry)
 
 
 def prepare_fe2e_image(frame: np.ndarray | torch.Tensor, geometry: Geometry) -> torch.Tensor:

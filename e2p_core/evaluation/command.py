@@ -23,7 +23,9 @@ from ..cli_models import (
     prompt_text,
     resolution_arg,
 )
+from ..connector import load_prompt_cache
 from ..errors import InputError
+from ..fe2e import DEFAULT_SEED as FE2E_SEED
 from ..metrics import CONN_COMPONENTS
 from ..targets import DEPTH_SPACES
 from ..tasks import TASKS
@@ -36,20 +38,21 @@ logger = logging.getLogger("e2p_core")
 
 
 def evaluate(args: argparse.Namespace) -> None:
+    # Each family's published settings, where the user gave none (FE2E: its protocol, seed, size buckets).
+    fe2e = args.model == "fe2e"
+    args.protocol = args.protocol or ("fe2e" if fe2e else "e2p")
+    args.seed = args.seed if args.seed is not None else (FE2E_SEED if fe2e else 42)
+    args.resolution = args.resolution if args.resolution is not None else ("buckets" if fe2e else 768)
     # Check every suite and path before loading the model, so a typo costs nothing.
     jobs = _suite_jobs(args)
     protocol = get_protocol(args.protocol, depth_space=args.depth_space, normal_aggregation=args.normal_aggregation,
                             conn_component=args.conn_component)
     protocol.check(args.task)
     device, dtype = device_and_dtype(args)
-    prompt = prompt_embeddings(args, device, dtype)
-    expected_prompt = prompt_text(args.task, args.matting_prompt)
-    if prompt.prompt is not None and prompt.prompt != expected_prompt:
-        logger.warning("the prompt embeddings were made from %r, not the %s prompt %r", prompt.prompt, args.task,
-                       expected_prompt)
-
-    denoiser, codec, _ = load_model(args, device, dtype)
-    model = Model(args.task, denoiser, codec, prompt)
+    if fe2e:
+        model = _fe2e_model(args, device, dtype)
+    else:
+        model = _e2p_model(args, device, dtype)
     settings = EvaluationSettings(steps=args.steps, seed=args.seed, resize=args.resize, resolution=args.resolution,
                                   protocol=protocol, point_sigma_px=args.point_sigma, limit=args.limit)
 
@@ -64,6 +67,30 @@ def evaluate(args: argparse.Namespace) -> None:
     paths = write_report(results, args.out_dir, method, settings)
     print((Path(args.out_dir) / "results.md").read_text())
     logger.info("wrote %s", ", ".join(map(str, paths)))
+
+
+def _e2p_model(args: argparse.Namespace, device, dtype) -> Model:
+    prompt = prompt_embeddings(args, device, dtype)
+    expected_prompt = prompt_text(args.task, args.matting_prompt)
+    if prompt.prompt is not None and prompt.prompt != expected_prompt:
+        logger.warning("the prompt embeddings were made from %r, not the %s prompt %r", prompt.prompt, args.task,
+                       expected_prompt)
+    denoiser, codec, _ = load_model(args, device, dtype)
+    return Model(args.task, denoiser, codec, prompt)
+
+
+def _fe2e_model(args: argparse.Namespace, device, dtype) -> Model:
+    """FE2E predicts depth and normals in one pass; the suites' task (``--task``) says which map is scored."""
+    from ..cli_fe2e import fill_fe2e_paths, load_fe2e_model
+
+    if args.task not in ("depth", "normal"):
+        raise InputError(f"FE2E predicts depth and normals, not {args.task}")
+    if not args.prompt_cache:
+        raise InputError("FE2E needs --prompt-cache no_info.npz (the FE2E repository's latent/no_info.npz)")
+    cache = load_prompt_cache(args.prompt_cache).to(device)
+    fill_fe2e_paths(args)
+    denoiser, codec = load_fe2e_model(args, device, dtype)
+    return Model(args.task, denoiser, codec, cache, family="fe2e")
 
 
 def _suite_jobs(args: argparse.Namespace) -> list[tuple]:
@@ -87,6 +114,10 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     """The ``evaluate`` subcommand: model options as ``predict``, benchmark options, and the official defaults."""
     suite_names = sorted({name for _, name in SUITES})
     v = commands.add_parser("evaluate", help="run the zero-shot benchmarks and write a paper-style table")
+    v.add_argument("--model", choices=("e2p", "fe2e"), default="e2p",
+                   help="e2p: Edit2Perceive (default); fe2e: FE2E, whose one pass predicts depth and normals (--task "
+                        "picks the suites scored), with FE2E's protocol, seed 1234 and size buckets by default")
+    v.add_argument("--prompt-cache", help="FE2E: the empty-prompt embedding no_info.npz (latent/no_info.npz)")
     v.add_argument("--task", choices=sorted(TASKS), default="depth", help="what the model predicts (default depth)")
     v.add_argument("--suite", action="append", required=True, choices=suite_names,
                    help="benchmark, repeatable: depth nyuv2/kitti/eth3d/scannet/diode; normal nyuv2/scannet/ibims/"
@@ -101,11 +132,13 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     v.add_argument("--limit", type=int, help="evaluate only the first N samples of each suite")
     add_model_arguments(v)
     v.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, as the official benchmarks)")
-    v.add_argument("--seed", type=int, default=42, help="noise seed (default 42)")
+    v.add_argument("--seed", type=int, help="noise seed (default 42; FE2E 1234)")
     v.add_argument("--resize", choices=("aligned", "reference"), default="reference",
-                   help="reference: the official square squash (default); aligned: keep the aspect ratio")
-    v.add_argument("--resolution", type=resolution_arg, default=768, help="processing size (default 768) or 'native'")
-    v.add_argument("--protocol", choices=sorted(PROTOCOLS), default="e2p",
+                   help="reference: the official sizes (default: Edit2Perceive's square squash, FE2E's buckets); "
+                        "aligned: keep the aspect ratio")
+    v.add_argument("--resolution", type=resolution_arg,
+                   help="processing size (default 768; FE2E its size buckets), 'native', or WxH (FE2E)")
+    v.add_argument("--protocol", choices=sorted(PROTOCOLS),
                    help="e2p: the official Edit2Perceive evaluation (default); fe2e: FE2E's (log-depth alignment over "
                         "positive predictions, Marigold's depth ranges, renormalised normals pooled over all pixels, "
                         "DSINE's or Marigold's normal files); see e2p_core/evaluation/protocols.py")

@@ -23,6 +23,8 @@ import torch
 from ..backends.base import Denoiser, LatentCodec
 from ..errors import InputError
 from ..metrics import PooledAngularErrors, angular_error_metrics, matting_metrics, normal_angular_errors
+from ..connector import PromptCache
+from ..fe2e import perceive_fe2e
 from ..pipeline import perceive
 from ..points import sample_point_map
 from ..prompts import PromptEmbeddings
@@ -41,7 +43,7 @@ class EvaluationSettings:
     steps: int = 1
     seed: int = 42
     resize: Literal["aligned", "reference"] = "reference"
-    resolution: int | Literal["native"] = 768
+    resolution: int | Literal["native", "buckets"] | tuple[int, int] = 768  # "buckets": FE2E's size table
     protocol: Protocol = E2P  # how predictions are aligned, scored and summarised
     point_sigma_px: float = BENCHMARK_POINT_SIGMA_PX
     limit: int | None = None  # evaluate only the first N samples
@@ -49,12 +51,13 @@ class EvaluationSettings:
 
 @dataclass(frozen=True)
 class Model:
-    """A loaded model for one task: what ``perceive`` needs."""
+    """A loaded model for one task: what ``perceive`` (or, ``family="fe2e"``, ``perceive_fe2e``) needs."""
 
     task: str
     denoiser: Denoiser
     codec: LatentCodec
-    prompt: PromptEmbeddings
+    prompt: PromptEmbeddings | PromptCache  # FE2E: the empty-prompt cache
+    family: Literal["e2p", "fe2e"] = "e2p"
 
 
 @dataclass
@@ -68,6 +71,12 @@ class SuiteResult:
 
 def predict_on_ground_truth(model: Model, sample: Sample, settings: EvaluationSettings) -> torch.Tensor:
     """The model's output for ``sample`` on its ground-truth grid: float32 [C,H,W] (zero outside ``sample.region``)."""
+    if model.family == "fe2e":
+        # One FE2E pass predicts both maps; the suite's task picks one, at the processing size.
+        fe2e = perceive_fe2e(model.denoiser, model.codec, sample.image, model.prompt, steps=settings.steps,
+                             seed=settings.seed, resize=settings.resize, resolution=settings.resolution)
+        maps, geometry = (fe2e.depth_processing if model.task == "depth" else fe2e.normal_processing), fe2e.geometry
+        return _on_ground_truth(maps, geometry, model.task, sample, settings)
     point_map = None
     if model.task == "matting":
         # The benchmark's click simulation: 10 seed-42 points where the ground-truth alpha > 0.8, each a Gaussian of
@@ -76,10 +85,16 @@ def predict_on_ground_truth(model: Model, sample: Sample, settings: EvaluationSe
     result = perceive(model.denoiser, model.codec, sample.image, model.task, model.prompt, point_map=point_map,
                       steps=settings.steps, seed=settings.seed, resize=settings.resize, resolution=settings.resolution,
                       restore_output=False)
-    height, width = result.geometry.resized_hw
-    content = result.postprocessed[0, :, :height, :width].float().cpu()  # [C,h,w], the padding cropped
+    return _on_ground_truth(result.postprocessed, result.geometry, model.task, sample, settings)
+
+
+def _on_ground_truth(maps: torch.Tensor, geometry, task: str, sample: Sample, settings: EvaluationSettings
+                     ) -> torch.Tensor:
+    """``maps`` [1,C,Hp,Wp] at the processing size -> float32 [C,H,W] on the ground-truth grid, as the protocol says."""
+    height, width = geometry.resized_hw
+    content = maps[0, :, :height, :width].float().cpu()  # [C,h,w], the padding cropped
     top, left, region_h, region_w = sample.region or (0, 0, *sample.valid.shape)
-    resized = settings.protocol.resize(content, (region_h, region_w), model.task)  # [C,h',w']
+    resized = settings.protocol.resize(content, (region_h, region_w), task)  # [C,h',w']
     if sample.region is None:
         return resized
     canvas = torch.zeros(resized.shape[0], *sample.valid.shape)  # [C,H,W]
