@@ -78,14 +78,28 @@ def load_dit(
                               f"FLUX Kontext / Edit2Perceive DiT; run it as FE2E (--model fe2e)")
     state_dict_bfl, source_format = to_bfl(dequantize(state_dict, fp8_dtype))
     architecture = infer_dit_architecture(state_dict_bfl, config)
-    for lora_path, strength in loras:
-        if lora_family(lora_path) == "fe2e":
-            raise CheckpointError(f"{Path(lora_path).name} looks like FE2E's Step1X-Edit LoRA (kohya sd-scripts "
-                                  f"format with a float alpha of rank/2), not a FLUX Kontext / Edit2Perceive LoRA; run "
-                                  f"it with --model fe2e")
-        lora = load_lora_file(lora_path, architecture.mlp_ratio)
-        state_dict_bfl = merge_lora(state_dict_bfl, lora, strength, source=Path(lora_path).name)
+    state_dict_bfl = merge_loras(state_dict_bfl, loras, architecture.mlp_ratio, family="e2p")
     return DiTWeights(state_dict_bfl, architecture, source_format, recorded_time_embedding(loras, metadata))
+
+
+_OTHER_FAMILY_LORA = {
+    "e2p": "looks like FE2E's Step1X-Edit LoRA (kohya sd-scripts format with a float alpha of rank/2), not a FLUX "
+           "Kontext / Edit2Perceive LoRA; run it with --model fe2e",
+    "fe2e": "is an Edit2Perceive (FLUX Kontext) LoRA, not one for Step1X-Edit: FE2E takes its own LoRA "
+            "(LDRN.safetensors); run this one with --model e2p",
+}
+
+
+def merge_loras(state_dict_bfl: dict[str, torch.Tensor], loras: list[tuple[str | Path, float]], mlp_ratio: float,
+                family: str) -> dict[str, torch.Tensor]:
+    """Merge the (path, strength) LoRAs into a BFL state dict of the ``family`` model, refusing the other family's."""
+    for lora_path, strength in loras:
+        found = lora_family(lora_path)
+        if found is not None and found != family:
+            raise CheckpointError(f"{Path(lora_path).name} {_OTHER_FAMILY_LORA[family]}")
+        lora = load_lora_file(lora_path, mlp_ratio)
+        state_dict_bfl = merge_lora(state_dict_bfl, lora, strength, source=Path(lora_path).name)
+    return state_dict_bfl
 
 
 def recorded_time_embedding(
@@ -154,13 +168,7 @@ def load_step1x(
     if "guidance_in.in_layer.weight" in state_dict_bfl:
         raise CheckpointError(f"{path.name} has a guidance embedder; Step1X-Edit has none (is it a FLUX DiT?)")
     architecture = infer_dit_architecture(state_dict_bfl, config)
-    for lora_path, strength in loras:
-        if lora_family(lora_path) == "e2p":
-            raise CheckpointError(f"{Path(lora_path).name} is an Edit2Perceive (FLUX Kontext) LoRA, not one for "
-                                  f"Step1X-Edit: FE2E takes its own LoRA (LDRN.safetensors); run this one with "
-                                  f"--model e2p")
-        lora = load_lora_file(lora_path, architecture.mlp_ratio)
-        state_dict_bfl = merge_lora(state_dict_bfl, lora, strength, source=Path(lora_path).name)
+    state_dict_bfl = merge_loras(state_dict_bfl, loras, architecture.mlp_ratio, family="fe2e")
     connector_state_dict = dequantize(connector_state_dict, dtype or torch.bfloat16)
     connector_architecture = infer_connector_architecture(connector_state_dict, config.get("connector"))
     if connector_architecture.hidden_size != architecture.text_dim:
