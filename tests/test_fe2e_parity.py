@@ -168,3 +168,17 @@ def test_cli_matches_official_run(name, tmp_path):
     for key, value in stages(result).items():
         assert torch.equal(written[key], value), key
     assert (tmp_path / "depth.png").is_file() and (tmp_path / "normal.npy").is_file()
+
+
+@pytest.mark.parametrize("resize, resolution", [("aligned", 64), ("reference", "native")])
+def test_other_geometries_return_the_input_size(resize, resolution):
+    """Aspect-keeping and native processing pad to multiples of 16 and come back at exactly the input size."""
+    denoiser, codec = fe2e_models(torch.float32, True)
+    image = load_image_rgb(IMAGE)  # 88 x 56: padded to 96 x 64 natively, 64 x 41 -> 64 x 48 aligned
+    result = perceive_fe2e(denoiser, codec, [image, image], prompt_cache(), resize=resize, resolution=resolution,
+                           cfg_rows=1)
+    assert result.depth.shape == (2, 1, 56, 88) and result.normal.shape == (2, 3, 56, 88)
+    assert result.geometry.padded_hw[0] % 16 == 0 and result.geometry.padded_hw[1] % 16 == 0
+    torch.testing.assert_close(result.depth[0], result.depth[1], atol=1e-6, rtol=0)  # one eps for every frame
+    assert torch.allclose(result.normal.norm(dim=1), torch.ones(1), atol=1e-5)
+    assert 0 <= result.depth.min() and result.depth.max() <= 1
