@@ -107,7 +107,10 @@ def split_connector(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torc
 def infer_connector_architecture(state_dict: dict[str, torch.Tensor], config: dict[str, Any] | None = None
                                  ) -> ConnectorArchitecture:
     """Sizes from the shapes; the head count (which shapes cannot tell) from ``config`` or Step1X's head dim 128."""
-    config = config or {}
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise CheckpointError(f"config 'connector' must be an object ({{\"num_attention_heads\": 32, ...}}), got "
+                              f"{type(config).__name__}")
     try:
         hidden, in_channels = state_dict["S.input_embedder.weight"].shape
         mlp_hidden = state_dict["S.individual_token_refiner.blocks.0.mlp.fc1.weight"].shape[0]
@@ -120,9 +123,10 @@ def infer_connector_architecture(state_dict: dict[str, torch.Tensor], config: di
         if key in config and config[key] != value:
             raise CheckpointError(f"connector config says {key}={config[key]!r}, but the checkpoint's shapes give "
                                   f"{key}={value!r}")
-    heads = int(config.get("num_attention_heads") or max(1, hidden // QWEN_HEAD_DIM))
-    if hidden % heads:
-        raise CheckpointError(f"connector width {hidden} is not divisible by {heads} attention heads")
+    heads = config.get("num_attention_heads", max(1, hidden // QWEN_HEAD_DIM))
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or hidden % heads:
+        raise CheckpointError(f"connector config num_attention_heads={heads!r}: expected a positive integer dividing "
+                              f"the connector width {hidden}")
     return ConnectorArchitecture(in_channels, hidden, heads, depth, mlp_hidden / hidden, pooled)
 
 

@@ -127,3 +127,15 @@ def test_bad_noise_and_options(tmp_path, capsys):
     assert_fails_cleanly(fe2e_argv(out, **{"--noise": str(eps)}), out, capsys, "'noise'")
     assert_fails_cleanly(fe2e_argv(out, **{"--resolution": "60x48"}), out, capsys, "multiples of 16")
     assert_fails_cleanly(fe2e_argv(out, **{"--out-normal": str(out / "n.jpg")}), out, capsys, "--out-normal")
+
+
+@pytest.mark.parametrize("connector, phrase", [
+    ({"num_attention_heads": 5}, "num_attention_heads=5"),
+    ({"num_attention_heads": "4"}, "num_attention_heads='4'"),
+    ({"hidden_size": 64}, "hidden_size=64"),
+    (3, "must be an object"),
+])
+def test_bad_connector_config(connector, phrase):
+    config = {"axes_dims_rope": [4, 6, 6], "connector": connector}
+    with pytest.raises(CheckpointError, match=phrase):
+        load_step1x(DIT, config)
