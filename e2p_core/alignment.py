@@ -44,3 +44,28 @@ def align_scale_shift(
     scale, shift = fit_scale_shift(prediction, target, valid)
     view = (-1,) + (1,) * (prediction.dim() - 1)
     return prediction * scale.view(view) + shift.view(view)
+
+
+
+def fit_scale_shift_symmetric(
+    prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(scale, shift)`` for two maps that are BOTH noisy, e.g. neighbouring frames of a video.
+
+    Least squares of ``target`` on ``prediction`` shrinks the scale by their correlation (regression dilution), and
+    chained over a clip that shrinking compounds. The reduced-major-axis line does not: its scale is the geometric
+    mean of the two least-squares slopes (``target`` on ``prediction``, and the inverse of ``prediction`` on
+    ``target``), i.e. ``std(target) / std(prediction)`` with the sign of their covariance, and it passes through both
+    means. Same shapes as :func:`fit_scale_shift`; a degenerate pair (no spread, or slopes of opposite signs) gets
+    scale 0 and the target's mean as shift.
+    """
+    forward, _ = fit_scale_shift(prediction, target, valid)  # cov / var(prediction)
+    backward, _ = fit_scale_shift(target, prediction, valid)  # cov / var(target)
+    same_sign = forward * backward > 0
+    ratio = forward / torch.where(same_sign, backward, torch.ones_like(backward))
+    scale = torch.where(same_sign, torch.sign(forward) * ratio.abs().sqrt(), torch.zeros_like(forward))
+    weights = torch.ones_like(prediction) if valid is None else valid.to(prediction.dtype)
+    weights, p, g = (x.reshape(x.shape[0], -1) for x in (weights, prediction, target))
+    count = weights.sum(1).clamp_min(1)
+    mean_prediction, mean_target = (weights * p).sum(1) / count, (weights * g).sum(1) / count
+    return scale, mean_target - scale * mean_prediction

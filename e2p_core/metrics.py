@@ -134,6 +134,50 @@ def metric_depth_metrics(depth_pred_m, depth_m, valid) -> dict[str, float]:
     }
 
 
+def temporal_alignment_error(depths_m, intrinsics, world_from_camera, valid=None) -> float:
+    """TAE as Video Depth Anything defines it, in % (×100): every depth map ``[T,H,W]`` (metres, already aligned to
+    the truth) is back-projected with the camera ``intrinsics`` ``[3,3]`` (OpenCV, pixel centres at integers),
+    moved by the true relative pose into the next frame (``world_from_camera`` ``[T,4,4]``, OpenCV camera frames),
+    and compared by AbsRel with the next frame's depth at the nearest pixel; both directions, averaged over the
+    ``2·(T−1)`` pairs. ``valid`` ``[T,H,W]`` (bool) marks pixels usable as targets (default: positive depth).
+    """
+    depths, poses = _float64(depths_m), _float64(world_from_camera)
+    valid = depths > 0 if valid is None else _mask(valid) & (depths > 0)
+    if depths.shape[0] < 2:
+        raise ValueError("TAE needs at least two frames")
+    errors = []
+    for i in range(depths.shape[0] - 1):
+        next_from_this = torch.linalg.inv(poses[i + 1]) @ poses[i]  # [4,4]
+        errors.append(_reprojection_abs_rel(depths[i], depths[i + 1], valid[i + 1], next_from_this, intrinsics))
+        errors.append(_reprojection_abs_rel(depths[i + 1], depths[i], valid[i], torch.linalg.inv(next_from_this),
+                                            intrinsics))
+    return float(np.mean(errors)) * 100
+
+
+def _reprojection_abs_rel(source_m, target_m, target_valid, target_from_source, intrinsics) -> float:
+    """AbsRel between ``source_m`` moved into the target camera and ``target_m`` (both ``[H,W]``, float64)."""
+    k = _float64(intrinsics)
+    height, width = source_m.shape
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                                indexing="ij")
+    x = (cols - k[0, 2]) / k[0, 0] * source_m
+    y = (rows - k[1, 2]) / k[1, 1] * source_m
+    points = torch.stack([x, y, source_m], dim=-1).reshape(-1, 3)  # [HW,3] in the source camera
+    moved = points @ target_from_source[:3, :3].T + target_from_source[:3, 3]  # [HW,3] in the target camera
+    z = moved[:, 2]
+    in_front = z > 0
+    safe_z = torch.where(in_front, z, torch.ones_like(z))
+    col = torch.round(k[0, 0] * moved[:, 0] / safe_z + k[0, 2])
+    row = torch.round(k[1, 1] * moved[:, 1] / safe_z + k[1, 2])
+    inside = in_front & (col >= 0) & (col < width) & (row >= 0) & (row < height) & (source_m.reshape(-1) > 0)
+    index = (row.clamp(0, height - 1) * width + col.clamp(0, width - 1)).long()
+    target = target_m.reshape(-1)[index]
+    usable = inside & target_valid.reshape(-1)[index] & (target > 0)
+    if not bool(usable.any()):
+        return math.nan
+    return ((z[usable] - target[usable]).abs() / target[usable]).mean().item()
+
+
 # -------------------------------------------------------------------------------------------------------- normals
 
 

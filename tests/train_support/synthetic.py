@@ -59,7 +59,7 @@ def _hit_sphere(rays: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarr
 
 def _hit_box(rays: np.ndarray, centre: np.ndarray, half: np.ndarray, yaw: float) -> tuple[np.ndarray, np.ndarray]:
     """Slab test of a box rotated by ``yaw`` about +y → (t, outward normal [.., 3] in the camera frame)."""
-    rotation = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
+    rotation = _yaw_rotation(yaw)
     local_dirs = rays @ rotation  # rotation.T applied to each direction: camera → box frame
     local_origin = -centre @ rotation
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -77,8 +77,9 @@ def _hit_box(rays: np.ndarray, centre: np.ndarray, half: np.ndarray, yaw: float)
 
 def _trace(rays: np.ndarray, scene: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """First hits → (depth, normal [.., 3], object id, hit point [.., 3]); ids: 0 wall, 1 floor, 2 box, 3 sphere."""
-    t_wall = _hit_plane(rays, np.array([0.0, 0.0, 1.0]), -scene["wall_distance"])
-    t_floor = _hit_plane(rays, np.array([0.0, 1.0, 0.0]), FLOOR_Y)
+    (wall_normal, wall_offset), (floor_normal, floor_offset) = _planes(scene)
+    t_wall = _hit_plane(rays, wall_normal, wall_offset)
+    t_floor = _hit_plane(rays, floor_normal, floor_offset)
     t_box, box_normal = _hit_box(rays, scene["box_centre"], scene["box_half"], scene["box_yaw"])
     t_sphere = _hit_sphere(rays, scene["sphere_centre"], scene["sphere_radius"])
     hits = np.stack([t_wall, t_floor, t_box, t_sphere], axis=-1)
@@ -86,8 +87,8 @@ def _trace(rays: np.ndarray, scene: dict) -> tuple[np.ndarray, np.ndarray, np.nd
     depth = hits.min(-1)
     points = rays * depth[..., None]
     normals = {
-        0: np.broadcast_to([0.0, 0.0, 1.0], rays.shape),
-        1: np.broadcast_to([0.0, 1.0, 0.0], rays.shape),
+        0: np.broadcast_to(wall_normal, rays.shape),
+        1: np.broadcast_to(floor_normal, rays.shape),
         2: box_normal,
         3: (points - scene["sphere_centre"]) / scene["sphere_radius"],
     }
@@ -97,8 +98,18 @@ def _trace(rays: np.ndarray, scene: dict) -> tuple[np.ndarray, np.ndarray, np.nd
     return depth, normal, object_id, points
 
 
+def _planes(scene: dict) -> tuple[tuple[np.ndarray, float], tuple[np.ndarray, float]]:
+    """(normal, offset) of the wall and the floor planes ``n·p = offset`` in the camera frame."""
+    if "planes" in scene:  # a view from a moved camera (``view_from``)
+        return scene["planes"]
+    return (np.array([0.0, 0.0, 1.0]), -scene["wall_distance"]), (np.array([0.0, 1.0, 0.0]), FLOOR_Y)
+
+
 def _shade(normal: np.ndarray, object_id: np.ndarray, points: np.ndarray, scene: dict) -> np.ndarray:
     """Lambert shading of per-object albedos, with a checkerboard on wall and floor so the image has texture."""
+    if "world_from_camera" in scene:  # the texture sticks to the world, not to a moving camera
+        rotation, position = scene["world_from_camera"]
+        points = points @ rotation.T + position
     albedo = scene["albedos"][object_id]
     checker = (np.floor(points[..., 0] * 2) + np.floor(points[..., 1] * 2) + np.floor(points[..., 2] * 2)) % 2
     albedo = np.where((object_id <= 1)[..., None], albedo * (0.7 + 0.3 * checker[..., None]), albedo)
@@ -127,7 +138,70 @@ def synthetic_scene(size_hw: tuple[int, int], seed: int) -> dict[str, np.ndarray
     ``image`` uint8 [H,W,3], ``depth_m`` float32 [H,W] (planar depth in metres, all valid), ``normals_opengl`` float32
     [H,W,3] (unit, OpenGL camera frame, facing the camera), ``alpha`` float32 [H,W] in [0,1] (sphere coverage).
     """
+    return _render(_random_scene(np.random.default_rng(seed)), size_hw)
+
+
+def _yaw_rotation(yaw: float) -> np.ndarray:
+    """Rotation about +y (the box's own yaw convention)."""
+    return np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
+
+
+def view_from(scene: dict, position: np.ndarray, yaw: float) -> dict:
+    """The scene seen by a camera at ``position`` (metres, in the frame of the origin camera) turned by ``yaw``
+    about +y: every object expressed in the moved camera's (OpenGL) frame."""
+    rotation = _yaw_rotation(yaw)  # world_from_camera
+    (wall_normal, wall_offset), (floor_normal, floor_offset) = _planes(scene)
+    # n·(R p + c) = offset  <=>  (Rᵀ n)·p = offset − n·c
+    planes = tuple((rotation.T @ n, offset - n @ position)
+                   for n, offset in ((wall_normal, wall_offset), (floor_normal, floor_offset)))
+    return {**scene, "planes": planes, "world_from_camera": (rotation, position),
+            "box_centre": rotation.T @ (scene["box_centre"] - position), "box_yaw": scene["box_yaw"] - yaw,
+            "sphere_centre": rotation.T @ (scene["sphere_centre"] - position), "light": rotation.T @ scene["light"]}
+
+
+def camera_path(n_frames: int, amplitude_m: float = 0.35, yaw_amplitude: float = 0.12) -> list[tuple[np.ndarray, float]]:
+    """A smooth hand-held-like path of ``n_frames`` (position, yaw): a sideways sway, a slow push in and out and a
+    gentle pan, with incommensurate periods so no two stretches of the clip look alike."""
+    t = np.arange(n_frames, dtype=np.float64)
+    x = amplitude_m * np.sin(2 * np.pi * t / 97)
+    y = 0.1 * amplitude_m * np.sin(2 * np.pi * t / 61)
+    z = -0.8 * amplitude_m * (1 - np.cos(2 * np.pi * t / 151)) / 2  # moves toward the wall and back
+    yaw = yaw_amplitude * np.sin(2 * np.pi * t / 73)
+    return [(np.array([x[i], y[i], z[i]]), float(yaw[i])) for i in range(n_frames)]
+
+
+def synthetic_video(size_hw: tuple[int, int], n_frames: int, seed: int, with_images: bool = False) -> dict:
+    """Scene ``seed`` filmed along :func:`camera_path` →
+
+    ``depth_m`` float32 [T,H,W] (exact planar depth), ``intrinsics`` float64 [3,3] (OpenCV: pixel (col, row) of the
+    camera point (X, Y, Z) with +y down and +z forward is (fx X/Z + cx, fy Y/Z + cy), pixel centres at integers),
+    ``world_from_camera`` float64 [T,4,4] (OpenCV camera frame), and with ``with_images`` ``image`` uint8 [T,H,W,3].
+    """
     scene = _random_scene(np.random.default_rng(seed))
+    height, width = size_hw
+    focal = FOCAL_PER_WIDTH * width
+    intrinsics = np.array([[focal, 0, width / 2 - 0.5], [0, focal, height / 2 - 0.5], [0, 0, 1]])
+    opengl_to_opencv = np.diag([1.0, -1.0, -1.0])
+    depths, poses, images = [], [], []
+    for position, yaw in camera_path(n_frames):
+        view = view_from(scene, position, yaw)
+        if with_images:
+            rendered = _render(view, size_hw)
+            depths.append(rendered["depth_m"])
+            images.append(rendered["image"])
+        else:
+            depths.append(_trace(pixel_rays(size_hw, 1), view)[0].astype(np.float32))
+        pose = np.eye(4)
+        pose[:3, :3] = _yaw_rotation(yaw) @ opengl_to_opencv
+        pose[:3, 3] = position
+        poses.append(pose)
+    video = {"depth_m": np.stack(depths), "intrinsics": intrinsics, "world_from_camera": np.stack(poses)}
+    if with_images:
+        video["image"] = np.stack(images)
+    return video
+
+
+def _render(scene: dict, size_hw: tuple[int, int]) -> dict[str, np.ndarray]:
     height, width = size_hw
     depth, normal, _, _ = _trace(pixel_rays(size_hw, 1), scene)
     sub_rays = pixel_rays(size_hw, SUPERSAMPLING)
