@@ -13,11 +13,12 @@ from ..e2p_core.conventions import (
     normals_to_convention,
     normals_to_rgb01,
 )
+from ..e2p_core.video import align_depth_video
 from .colormap import turbo
 from .prediction import E2P_PREDICTION, Prediction
 
 DEPTH_POLARITIES = ("near_white", "near_black")
-DEPTH_NORMALIZATIONS = ("none", "minmax", "percentile", "sequence")
+DEPTH_NORMALIZATIONS = ("none", "minmax", "percentile", "sequence", "temporal")
 NORMAL_CONVENTIONS = tuple(NORMAL_AXIS_SIGNS)
 
 
@@ -30,7 +31,10 @@ def depth_outputs(prediction: Prediction, polarity: str = "near_white", normaliz
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hint IMAGE in ``polarity``, depth MASK with near = 0, colour preview IMAGE with near = red)."""
     prediction.expect("depth")
-    depth_affine01 = normalize_depth(prediction.output, normalization)  # [B,1,H,W], near = 0
+    if normalization == "temporal":  # co-align the frames of a video, then one range for the clip
+        depth_affine01 = align_depth_video(prediction.output, "aligned")  # [B,1,H,W], near = 0
+    else:
+        depth_affine01 = normalize_depth(prediction.output, normalization)  # [B,1,H,W], near = 0
     hint = depth_hint(depth_affine01, polarity)
     preview = turbo(1 - depth_affine01[:, 0])  # [B,H,W,3]
     return _as_image(hint), depth_affine01[:, 0].contiguous(), preview
@@ -58,7 +62,8 @@ POLARITY_INPUT = (list(DEPTH_POLARITIES), {
 NORMALIZATION_INPUT = (list(DEPTH_NORMALIZATIONS), {
     "default": "none",
     "tooltip": "Stretch depth to 0..1: 'none' keeps the model's own range (already normalised, flicker-free); "
-               "'minmax' / 'percentile' (2..98%) per frame; 'sequence' one range for the whole batch (videos)."})
+               "'minmax' / 'percentile' (2..98%) per frame; 'sequence' one range for the whole batch (videos); "
+               "'temporal' co-aligns every frame's scale and shift to its neighbours first (flicker-free videos)."})
 CONVENTION_INPUT = (list(NORMAL_CONVENTIONS), {
     "default": "controlnet_bae",
     "tooltip": "Normal axes in RGB: controlnet_bae = R +x left, G +y up, B +z toward the camera (ControlNet "

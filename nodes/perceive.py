@@ -4,6 +4,7 @@ It runs ``e2p_core.pipeline.perceive`` (the algorithm, written once) with the Co
 IMAGE batch is a video, every frame gets the same seeded noise, and frames come back in order at their exact size.
 """
 
+import functools
 import math
 from typing import get_args
 
@@ -16,6 +17,7 @@ from ..e2p_core.errors import InputError
 from ..e2p_core.images import ResizeMode
 from ..e2p_core.pipeline import perceive
 from ..e2p_core.schedule import MAX_STEPS
+from ..e2p_core.tiling import auto_tiles, perceive_tiled, plan_tiles
 from ..e2p_core.time_embedding import AUTO, TIME_EMBEDDING_CHOICES, resolve_time_embedding
 from .comfy_backend import ComfyCodec, ComfyDenoiser
 from .conditioning import conditioning_to_prompt
@@ -26,6 +28,7 @@ RESIZE_MODES = get_args(ResizeMode)  # ("aligned", "reference")
 NATIVE_RESOLUTION = 0  # the resolution input's value for "process at the image's own size"
 DEFAULT_CHUNK = 4
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+AUTO_TILES = -1  # the tiles input's value for "as many as the image needs at the processing size"
 
 
 def run_perceive(
@@ -42,8 +45,10 @@ def run_perceive(
     time_embedding: str = AUTO,
     point_prompt: PointPromptInput | None = None,
     point_map: torch.Tensor | None = None,
+    tiles: int = 0,
 ) -> Prediction:
-    """Predict every frame of ``images`` (IMAGE [B,H,W,C]) in chunks of ``chunk_size``; see ``e2p_core.pipeline``."""
+    """Predict every frame of ``images`` (IMAGE [B,H,W,C]) in chunks of ``chunk_size``; see ``e2p_core.pipeline``.
+    ``tiles`` > 0 (or ``AUTO_TILES``) runs each frame as a global pass plus tiles (``e2p_core.tiling``)."""
     task, prompt, guidance = conditioning_to_prompt(conditioning)
     frames = _check_images(images)
     if chunk_size < 1:
@@ -57,6 +62,12 @@ def run_perceive(
     codec = ComfyCodec(vae, denoiser.dtype, denoiser.device)
     prompt = prompt.to(denoiser.device, denoiser.dtype)
     maps = _check_point_map(point_map, len(frames))
+    if tiles != 0:
+        run_frame = functools.partial(perceive, denoiser, codec, task=task, prompt=prompt, steps=steps, seed=seed,
+                                      guidance=guidance, resize=resize_mode, resolution=resolution)
+        output = _run_tiled(run_frame, frames, task, tiles, resolution,
+                            None if point_prompt is None else point_prompt.prompt, maps)
+        return Prediction(task, output, images)
 
     chunks = math.ceil(len(frames) / chunk_size)
     progress = comfy.utils.ProgressBar(chunks * steps)
@@ -79,6 +90,30 @@ def run_perceive(
         outputs.append(result.output.to(comfy.model_management.intermediate_device()))
         progress.update_absolute((index + 1) * steps)
     return Prediction(task, torch.cat(outputs), images)
+
+
+def _run_tiled(run_frame, frames: torch.Tensor, task: str, tiles: int, resolution: int, points, maps
+               ) -> torch.Tensor:
+    """Every frame as a global pass plus overlapping tiles at the processing size, merged (one frame at a time)."""
+    if resolution == NATIVE_RESOLUTION:
+        raise InputError("tiles need a processing resolution (the tiles are cut at it); set resolution above 0")
+    image_hw = tuple(frames.shape[1:3])
+    count = auto_tiles(image_hw, resolution) if tiles == AUTO_TILES else tiles
+    calls = 1 + len(plan_tiles(image_hw, count))
+    progress = comfy.utils.ProgressBar(len(frames) * calls)
+    outputs = []
+    for index, frame in enumerate(frames[..., :3].numpy()):
+        def on_tile(tile: int, _calls: int, done: int = index * calls) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.update_absolute(done + tile)
+
+        def perceiver(image, tile_points, tile_map):
+            return run_frame(images=image, points=tile_points, point_map=tile_map).output[0]
+
+        frame_map = None if maps is None else maps[0 if len(maps) == 1 else index].numpy()
+        merged = perceive_tiled(perceiver, frame, task, count, points=points, point_map=frame_map, on_tile=on_tile)
+        outputs.append(merged[None].to(comfy.model_management.intermediate_device()))
+    return torch.cat(outputs)
 
 
 def _chunk_of(maps: torch.Tensor | None, start: int, size: int) -> torch.Tensor | None:
@@ -158,11 +193,18 @@ class E2PPerceive:
                                                                "Prompt'."}),
                 "point_map": ("MASK", {"tooltip": "Matting: a soft point map in 0..1 at the image size instead of "
                                                   "clicks (1 = foreground point)."}),
+                "tiles": ("INT", {
+                    "default": 0, "min": AUTO_TILES, "max": 16,
+                    "tooltip": "High-resolution tiling: 0 = off (one pass at the processing size); N = a global pass "
+                               "plus N overlapping tiles along the longer side (as many as needed along the other) "
+                               "cut from the full-size image, merged without seams; -1 = auto (tiles of about the "
+                               "processing size). DiT calls per frame: steps x (1 + rows x columns), e.g. 1 + 3x2 = "
+                               "7 for N = 3 on a 16:9 image."}),
             },
         }
 
     def perceive(self, model, vae, conditioning, image, steps, seed, resize_mode, resolution, chunk_size,
-                 time_embedding, point_prompt=None, point_map=None):
+                 time_embedding, point_prompt=None, point_map=None, tiles=0):
         return (run_perceive(model, vae, conditioning, image, steps=steps, seed=seed, resize_mode=resize_mode,
                              resolution=resolution, chunk_size=chunk_size, time_embedding=time_embedding,
-                             point_prompt=point_prompt, point_map=point_map),)
+                             point_prompt=point_prompt, point_map=point_map, tiles=tiles),)

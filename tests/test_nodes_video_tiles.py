@@ -1,0 +1,67 @@
+"""The video and high-resolution features through the nodes: the depth output's 'temporal' normalisation and the
+perceive node's tiles (real ComfyUI modules, tiny fixture DiT, tiny Flux VAE)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from comfy_support import load_pack, tiny_flux_vae, use_model_folders
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, TINY_DIT_CONFIG
+
+pack = load_pack()
+import comfy.utils  # noqa: E402
+from e2p_pack.e2p_core.errors import InputError  # noqa: E402
+from e2p_pack.e2p_core.tiling import plan_tiles  # noqa: E402
+from e2p_pack.e2p_core.video import align_depth_video  # noqa: E402
+from e2p_pack.nodes.conditioning import E2PTaskConditioning  # noqa: E402
+from e2p_pack.nodes.loader import load_e2p_model  # noqa: E402
+from e2p_pack.nodes.outputs import E2PDepthOutput  # noqa: E402
+from e2p_pack.nodes.perceive import run_perceive  # noqa: E402
+from e2p_pack.nodes.prediction import Prediction  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dit")
+    path = shutil.copy(FIXTURES / "dit_bfl.safetensors", folder)
+    (folder / "dit_bfl.json").write_text(json.dumps(TINY_DIT_CONFIG))
+    return load_e2p_model(path)
+
+
+@pytest.fixture
+def conditioning(tmp_path, prompt_files):
+    folders = use_model_folders(tmp_path)
+    shutil.copy(prompt_files["depth"], folders["e2p_prompts"] / "depth.safetensors")
+    return E2PTaskConditioning().encode("depth", "auto")[0]
+
+
+def test_temporal_normalisation_removes_per_frame_scale_and_shift():
+    base = torch.linspace(0.1, 0.9, 16 * 24).reshape(1, 1, 16, 24)
+    scales = torch.tensor([1.0, 0.7, 0.9, 0.6]).view(-1, 1, 1, 1)
+    shifts = torch.tensor([0.0, 0.1, -0.05, 0.2]).view(-1, 1, 1, 1)
+    flickering = (base - 0.5) * scales + 0.5 + shifts
+    _, depth, _ = E2PDepthOutput().convert(Prediction("depth", flickering, torch.zeros(4, 16, 24, 3)),
+                                           "near_white", "temporal")
+    torch.testing.assert_close(depth, align_depth_video(flickering)[:, 0])
+    for frame in depth[1:]:  # every frame now shows the first one's depth
+        torch.testing.assert_close(frame, depth[0], atol=1e-4, rtol=0)
+
+
+def test_perceive_with_tiles_returns_exact_size_and_counts_dit_calls(model, conditioning):
+    vae = tiny_flux_vae(load_file(FIXTURES / "vae_bfl.safetensors"))
+    images = torch.rand(2, 75, 131, 3, generator=torch.Generator().manual_seed(0))
+    progress = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: progress.append(total))
+    try:
+        tiled = run_perceive(model, vae, conditioning, images, resolution=64, tiles=3)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert tiled.output.shape == (2, 1, 75, 131)
+    assert progress[-1] == 2 * (1 + len(plan_tiles((75, 131), 3)))  # DiT calls: frames x (global + tiles)
+    plain = run_perceive(model, vae, conditioning, images, resolution=64)
+    assert not torch.allclose(tiled.output, plain.output)
+    with pytest.raises(InputError, match="tiles need a processing resolution"):
+        run_perceive(model, vae, conditioning, images, resolution=0, tiles=2)
