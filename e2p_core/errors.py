@@ -19,3 +19,9 @@ class InputError(E2PError):
 
 class HubError(E2PError):
     """A model file is not on disk and cannot be downloaded: offline, gated, not found, no disk space, or damaged."""
+
+
+def shortened(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, to quote a user's bad value in a message without flooding it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, get_args, get_origin
 
-from e2p_core.errors import InputError
+from e2p_core.errors import InputError, shortened
 from e2p_core.targets import DEPTH_SPACES
 
 from .data import DEFAULT_RATIOS, KINDS, TASKS, DatasetSpec
@@ -258,7 +258,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise InputError(f"config file {path}: unknown settings {unknown}")
     for name, value in normalised.items():
         if not _has_type(value, types[name]):
-            raise InputError(f"config file {path}: {name} is {_short(value)}; expected {_type_name(types[name])}")
+            raise InputError(f"config file {path}: {name} is {shortened(value)}; expected {_type_name(types[name])}")
     return normalised
 
 
@@ -287,11 +287,6 @@ def _type_name(annotation: Any) -> str:
              list: "a list of {kind, root, ...} mappings", type(None): "null"}
     allowed = get_args(annotation) if isinstance(annotation, UnionType) else (annotation,)
     return " or ".join(names[get_origin(kind) or kind] for kind in allowed)
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

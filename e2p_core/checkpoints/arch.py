@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shortened
 from .dit_keys import block_counts
 from .io import load_config_json
 from .vae_keys import vae_to_diffusers
@@ -190,7 +190,7 @@ def _config_axes(value: Any) -> tuple[int, ...]:
     if value is None or (isinstance(value, (list, tuple)) and not value):
         return ()
     if not isinstance(value, (list, tuple)) or not all(_is_int(a) and a > 0 and a % 2 == 0 for a in value):
-        raise CheckpointError(f"config axes_dims_rope={_short(value)}; expected a list of positive even integers, "
+        raise CheckpointError(f"config axes_dims_rope={shortened(value)}; expected a list of positive even integers, "
                               f"e.g. [16, 56, 56]")
     return tuple(value)
 
@@ -198,7 +198,7 @@ def _config_axes(value: Any) -> tuple[int, ...]:
 def _config_groups(value: Any, block_out: tuple[int, ...]) -> int:
     """``norm_num_groups``: a positive integer dividing every level's channel count (GroupNorm's rule)."""
     if not _is_int(value) or value < 1 or any(channels % value for channels in block_out):
-        raise CheckpointError(f"config norm_num_groups={_short(value)}; expected a positive integer dividing the "
+        raise CheckpointError(f"config norm_num_groups={shortened(value)}; expected a positive integer dividing the "
                               f"channel counts {list(block_out)}")
     return value
 
@@ -217,17 +217,12 @@ def _config_number(config: dict[str, Any], key: str, default: float, nonzero: bo
             pass
     if not math.isfinite(number) or (nonzero and number == 0):
         kind = "non-zero finite number" if nonzero else "finite number" + (" or null" if optional else "")
-        raise CheckpointError(f"config {key}={_short(value)}; expected a {kind}")
+        raise CheckpointError(f"config {key}={shortened(value)}; expected a {kind}")
     return number
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_config(config: dict[str, Any], found: dict[str, Any], defaults: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shortened
 
 LEGACY_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -294,13 +294,9 @@ def _tensor_data_end(path: Path, key: str, info: Any) -> int:
              and offsets[0] <= offsets[1] and isinstance(info.get("dtype"), str)
              and isinstance(info.get("shape"), list))
     if not valid:
-        raise CheckpointError(f"{path} is corrupt: the safetensors header entry of {_short_key(key)} is not "
+        raise CheckpointError(f"{path} is corrupt: the safetensors header entry of {shortened(key)} is not "
                               f"{{dtype, shape, data_offsets: [begin, end]}}")
     return offsets[1]
-
-
-def _short_key(key: str, limit: int = 80) -> str:
-    return repr(key if len(key) <= limit else key[:limit] + "...")
 
 
 def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
