@@ -68,7 +68,9 @@ def full_path(folder: str, choice: str, node_id: str | None = None) -> str:
 
 
 def _table_files(folder: str) -> list[ModelFile]:
-    return [file for file in MODEL_FILES.values() if file.folder == folder and file.name.endswith(".safetensors")]
+    # The nodes run Edit2Perceive; FE2E's files (CLI only so far) would be wrong choices in their pickers.
+    return [file for file in MODEL_FILES.values()
+            if file.folder == folder and file.name.endswith(".safetensors") and file.family == "e2p"]
 
 
 def _table_file(folder: str, choice: str) -> ModelFile | None:

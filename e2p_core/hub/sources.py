@@ -49,6 +49,7 @@ class ModelFile:
     ungated_copy: HubFile | None = None
     # What to use instead when the gated repository refuses (shown in the error).
     ungated_alternative: str | None = None
+    family: str = "e2p"  # the model family the file belongs to: "e2p" (Edit2Perceive) or "fe2e"
 
     @property
     def size_text(self) -> str:
@@ -144,16 +145,19 @@ MODEL_FILES: dict[str, ModelFile] = {file.key: file for file in [
         "fe2e_dit", "diffusion_models", "step1x-edit-i1258.safetensors", 24_900_000_000,
         HubFile(STEP1X_REPO, "step1x-edit-i1258.safetensors"), "Apache-2.0", False,
         "Step1X-Edit, the base FE2E was fine-tuned from (DiT in BFL naming + the Qwen2 connector, bf16)",
+        family="fe2e",
     ),
     ModelFile(
         "fe2e_vae", "vae", "step1x-edit-vae.safetensors", 335_000_000,
         HubFile(STEP1X_REPO, "vae.safetensors"), "Apache-2.0", False,
         "Step1X-Edit's VAE (BFL autoencoder naming)",
+        family="fe2e",
     ),
     ModelFile(
         "fe2e_lora", "loras", "LDRN.safetensors", 620_000_000,
         HubFile(FE2E_REPO, "LDRN.safetensors"), f"see {FE2E_REPO}", False,
         "FE2E: the rank-64 LoRA (kohya, alpha 32) that turns Step1X-Edit into a depth + normal estimator (~size)",
+        family="fe2e",
     ),
 ]}
 
