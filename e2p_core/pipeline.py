@@ -71,6 +71,25 @@ class Perception:
     geometry: Geometry
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """The RGB context latent of a batch: the same for depth, normals and matting (one VAE, one preprocessing), so
+    one encode can feed every task (``perceive(..., encoded=...)``)."""
+
+    latent: torch.Tensor  # codec dtype [B,16,h,w]: posterior mean after shift and scale
+    geometry: Geometry
+
+
+@torch.no_grad()
+def encode_image(codec: LatentCodec, images, *, resize: Literal["aligned", "reference"] = "aligned",
+                 resolution: int | Literal["native"] = 768) -> EncodedImage:
+    """Stages 1-2 of :func:`perceive` for the RGB context: preprocess and VAE-encode a batch of same-size images."""
+    frames = as_frames(images)
+    geometry = plan_geometry(frames[0].shape[:2], resize, resolution)
+    rgb = torch.stack([prepare_image(frame, geometry) for frame in frames])  # [B,3,Hp,Wp]
+    return EncodedImage(codec.encode(rgb.to(codec.device, codec.dtype)), geometry)  # [B,16,h,w]
+
+
 @torch.no_grad()  # inference only: training differentiates through its own objective, not through sampling
 def perceive(
     denoiser: Denoiser,
@@ -89,28 +108,35 @@ def perceive(
     resolution: int | Literal["native"] = 768,
     on_step: Callable[[int, int], None] | None = None,
     restore_output: bool = True,
+    encoded: EncodedImage | None = None,
 ) -> Perception:
     """Run Edit2Perceive on a batch of same-size images ([B,H,W,3] uint8 or float in [0,1], or one [H,W,3]).
 
     ``point_map`` is a soft map in [0,1] at the input size ([H,W] or [B,H,W]); ``points`` builds one instead.
     ``noise`` ([1 or B,16,h,w] float32) replaces the seeded noise. ``on_step(i, steps)`` runs before every DiT
     call (progress bars, cancellation). ``restore_output=False`` skips the resize back to the input size (``output``
-    is None) for callers that take ``postprocessed`` to their own grid, as the evaluation does.
+    is None) for callers that take ``postprocessed`` to their own grid, as the evaluation does. ``encoded`` (from
+    :func:`encode_image` on the same images, resize and resolution) skips the RGB encode: one encode, many tasks.
     """
     spec = get_task(task)
     frames = as_frames(images)
     geometry = plan_geometry(frames[0].shape[:2], resize, resolution)
     dtype, device = denoiser.dtype, denoiser.device
 
-    # 1. The Kontext context images in [-1,1] at the processing size: the RGB, then (matting) the point map.
-    rgb = torch.stack([prepare_image(frame, geometry) for frame in frames])  # [B,3,Hp,Wp]
-    contexts = [rgb]
+    # 1-2. The Kontext context images in [-1,1] at the processing size, encoded: the RGB (the same for every task,
+    # so it may come encoded already), then (matting) the point map.
+    if encoded is None:
+        encoded = encode_image(codec, frames, resize=resize, resolution=resolution)
+    elif encoded.geometry != geometry or encoded.latent.shape[0] != len(frames):
+        raise InputError(f"the encoded image ({encoded.latent.shape[0]} x {encoded.geometry}) was not made from "
+                         f"these {len(frames)} images at this resize and resolution ({geometry})")
+    context_latents = [encoded.latent.to(device, dtype)]  # [B,16,h,w]
     soft_point_map = _point_maps(spec, geometry, len(frames), points, point_map)  # [B,Hp,Wp] or None
     if soft_point_map is not None:
-        contexts.append(torch.stack([encode_point_map(m) for m in soft_point_map]))  # [B,3,Hp,Wp]
+        point_pixels = torch.stack([encode_point_map(m) for m in soft_point_map])  # [B,3,Hp,Wp]
+        context_latents.append(codec.encode(point_pixels.to(device, dtype)))  # [B,16,h,w]
 
-    # 2. Encode and pack each context image; all of them share the ids (1, row, col).
-    context_latents = [codec.encode(pixels.to(device, dtype)) for pixels in contexts]  # each [B,16,h,w]
+    # Pack each context latent; all of them share the ids (1, row, col).
     latent_hw = tuple(context_latents[0].shape[-2:])
     context_tokens, ids = pack_context(context_latents, dtype, device)  # [B,M,64], [N+M,3]
     n_target = ids.shape[0] - context_tokens.shape[1]

@@ -153,3 +153,38 @@ def test_real_pipeline_at_an_odd_4k_like_size_returns_exactly_h_x_w(tiny_models,
     assert merged.shape == ((3 if task == "normal" else 1), *hw)
     assert torch.isfinite(merged).all()
     assert len(calls) == 1 + len(plan_tiles(hw, 2)) and calls[0] == hw
+
+
+class CountingCodec:
+    """The tiny VAE, counting the frames it encodes."""
+
+    def __init__(self, codec):
+        self.codec, self.dtype, self.device, self.encoded_frames = codec, codec.dtype, codec.device, 0
+
+    def encode(self, pixels):
+        self.encoded_frames += pixels.shape[0]
+        return self.codec.encode(pixels)
+
+    def decode(self, latents):
+        return self.codec.decode(latents)
+
+
+def test_one_rgb_encode_serves_every_task(tiny_models, prompt_files):
+    from e2p_core.pipeline import encode_image
+
+    denoiser, codec = tiny_models
+    counting = CountingCodec(codec)
+    images = np.random.default_rng(1).integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)
+    shared = encode_image(counting, images, resolution=64)
+    assert counting.encoded_frames == 2
+    for task in ("depth", "normal", "matting"):
+        prompt = load_prompt_embeddings(prompt_files[task])
+        point_map = np.zeros((40, 56), np.float32) if task == "matting" else None
+        reused = perceive(denoiser, counting, images, task, prompt, resolution=64, encoded=shared,
+                          point_map=point_map)
+        own = perceive(denoiser, codec, images, task, prompt, resolution=64, point_map=point_map)
+        torch.testing.assert_close(reused.output, own.output, atol=0, rtol=0)
+    assert counting.encoded_frames == 2 + 2  # the RGB once for all tasks; matting's point map is its own context
+    with pytest.raises(Exception, match="was not made from"):
+        perceive(denoiser, counting, images, "depth", load_prompt_embeddings(prompt_files["depth"]), resolution=96,
+                 encoded=shared)
