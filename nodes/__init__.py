@@ -6,6 +6,7 @@ per task. Every node is a thin schema over ``e2p_core`` and the ComfyUI backend 
 
 from .all_in_one import E2PDepthAllInOne, E2PMattingAllInOne, E2PNormalAllInOne
 from .conditioning import E2PTaskConditioning, register_prompts_folder
+from .encode import E2PEncodeImage
 from .loader import E2PModelLoader, E2PVAELoader
 from .outputs import E2PDepthOutput, E2PMatteOutput, E2PNormalOutput
 from .perceive import E2PPerceive
@@ -20,6 +21,7 @@ _NODES = {
     "E2PVAELoader": (E2PVAELoader, "Edit2Perceive VAE Loader"),
     "E2PTaskConditioning": (E2PTaskConditioning, "Edit2Perceive Task Conditioning"),
     "E2PPointPrompt": (E2PPointPrompt, "Edit2Perceive Point Prompt"),
+    "E2PEncodeImage": (E2PEncodeImage, "Edit2Perceive Encode Image"),
     "E2PPerceive": (E2PPerceive, "Edit2Perceive Perceive"),
     "E2PDepthOutput": (E2PDepthOutput, "Edit2Perceive Depth Output"),
     "E2PNormalOutput": (E2PNormalOutput, "Edit2Perceive Normal Output"),

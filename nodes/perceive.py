@@ -15,14 +15,14 @@ from comfy.model_patcher import ModelPatcher
 
 from ..e2p_core.errors import InputError
 from ..e2p_core.images import ResizeMode
-from ..e2p_core.pipeline import perceive
+from ..e2p_core.pipeline import EncodedImage, perceive
 from ..e2p_core.schedule import MAX_STEPS
 from ..e2p_core.tiling import auto_tiles, perceive_tiled, plan_tiles
 from ..e2p_core.time_embedding import AUTO, TIME_EMBEDDING_CHOICES, resolve_time_embedding
 from .comfy_backend import ComfyCodec, ComfyDenoiser
 from .conditioning import conditioning_to_prompt
 from .loader import TIME_EMBEDDING_ATTACHMENT
-from .prediction import E2P_POINT_PROMPT, E2P_PREDICTION, PointPromptInput, Prediction
+from .prediction import E2P_ENCODED_IMAGE, E2P_POINT_PROMPT, E2P_PREDICTION, PointPromptInput, Prediction
 
 RESIZE_MODES = get_args(ResizeMode)  # ("aligned", "reference")
 NATIVE_RESOLUTION = 0  # the resolution input's value for "process at the image's own size"
@@ -46,9 +46,11 @@ def run_perceive(
     point_prompt: PointPromptInput | None = None,
     point_map: torch.Tensor | None = None,
     tiles: int = 0,
+    encoded_image: EncodedImage | None = None,
 ) -> Prediction:
     """Predict every frame of ``images`` (IMAGE [B,H,W,C]) in chunks of ``chunk_size``; see ``e2p_core.pipeline``.
-    ``tiles`` > 0 (or ``AUTO_TILES``) runs each frame as a global pass plus tiles (``e2p_core.tiling``)."""
+    ``tiles`` > 0 (or ``AUTO_TILES``) runs each frame as a global pass plus tiles (``e2p_core.tiling``);
+    ``encoded_image`` (the encode node's output for these frames) replaces the RGB encode."""
     task, prompt, guidance = conditioning_to_prompt(conditioning)
     frames = _check_images(images)
     if chunk_size < 1:
@@ -62,7 +64,12 @@ def run_perceive(
     codec = ComfyCodec(vae, denoiser.dtype, denoiser.device)
     prompt = prompt.to(denoiser.device, denoiser.dtype)
     maps = _check_point_map(point_map, len(frames))
+    if encoded_image is not None and encoded_image.latent.shape[0] != len(frames):
+        raise InputError(f"encoded_image holds {encoded_image.latent.shape[0]} frames, the image {len(frames)}; "
+                         f"connect the same image to the encode node")
     if tiles != 0:
+        if encoded_image is not None:
+            raise InputError("tiles encode every tile themselves; disconnect encoded_image or set tiles to 0")
         run_frame = functools.partial(perceive, denoiser, codec, task=task, prompt=prompt, steps=steps, seed=seed,
                                       guidance=guidance, resize=resize_mode, resolution=resolution)
         output = _run_tiled(run_frame, frames, task, tiles, resolution,
@@ -86,6 +93,8 @@ def run_perceive(
             point_map=_chunk_of(maps, start, chunk_size),
             steps=steps, seed=seed, guidance=guidance, resize=resize_mode,
             resolution="native" if resolution == NATIVE_RESOLUTION else resolution, on_step=on_step,
+            encoded=None if encoded_image is None else EncodedImage(encoded_image.latent[start:start + chunk_size],
+                                                                    encoded_image.geometry),
         )
         outputs.append(result.output.to(comfy.model_management.intermediate_device()))
         progress.update_absolute((index + 1) * steps)
@@ -193,6 +202,9 @@ class E2PPerceive:
                                                                "Prompt'."}),
                 "point_map": ("MASK", {"tooltip": "Matting: a soft point map in 0..1 at the image size instead of "
                                                   "clicks (1 = foreground point)."}),
+                "encoded_image": (E2P_ENCODED_IMAGE, {"tooltip": "The same image encoded once by 'Edit2Perceive "
+                                                                 "Encode Image', shared with other perceive nodes "
+                                                                 "(skips this node's VAE encode)."}),
                 "tiles": ("INT", {
                     "default": 0, "min": AUTO_TILES, "max": 16,
                     "tooltip": "High-resolution tiling: 0 = off (one pass at the processing size); N = a global pass "
@@ -204,7 +216,8 @@ class E2PPerceive:
         }
 
     def perceive(self, model, vae, conditioning, image, steps, seed, resize_mode, resolution, chunk_size,
-                 time_embedding, point_prompt=None, point_map=None, tiles=0):
+                 time_embedding, point_prompt=None, point_map=None, tiles=0, encoded_image=None):
         return (run_perceive(model, vae, conditioning, image, steps=steps, seed=seed, resize_mode=resize_mode,
                              resolution=resolution, chunk_size=chunk_size, time_embedding=time_embedding,
-                             point_prompt=point_prompt, point_map=point_map, tiles=tiles),)
+                             point_prompt=point_prompt, point_map=point_map, tiles=tiles,
+                             encoded_image=encoded_image),)

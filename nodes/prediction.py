@@ -9,6 +9,7 @@ from ..e2p_core.pipeline import PointPrompt
 
 E2P_PREDICTION = "E2P_PREDICTION"
 E2P_POINT_PROMPT = "E2P_POINT_PROMPT"
+E2P_ENCODED_IMAGE = "E2P_ENCODED_IMAGE"  # an e2p_core.pipeline.EncodedImage
 
 
 @dataclass(frozen=True)

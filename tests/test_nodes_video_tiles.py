@@ -65,3 +65,35 @@ def test_perceive_with_tiles_returns_exact_size_and_counts_dit_calls(model, cond
     assert not torch.allclose(tiled.output, plain.output)
     with pytest.raises(InputError, match="tiles need a processing resolution"):
         run_perceive(model, vae, conditioning, images, resolution=0, tiles=2)
+
+
+def test_one_encode_node_feeds_three_perceive_nodes(model, tmp_path, prompt_files):
+    """depth, normals and matting of the same frames from one 'Encode Image': the ComfyUI VAE's encoder runs once
+    per frame for the RGB (plus matting's own point-map context), and each result equals the unshared run."""
+    from e2p_pack.nodes.encode import E2PEncodeImage
+    from e2p_pack.nodes.perceive import E2PPerceive
+
+    folders = use_model_folders(tmp_path)
+    for task, path in prompt_files.items():
+        shutil.copy(path, folders["e2p_prompts"] / f"{task}.safetensors")
+    vae = tiny_flux_vae(load_file(FIXTURES / "vae_bfl.safetensors"))
+    encoder_frames = []
+    encoder = vae.first_stage_model.encode
+    vae.first_stage_model.encode = lambda pixels: encoder_frames.append(pixels.shape[0]) or encoder(pixels)
+    images = torch.rand(2, 40, 56, 3, generator=torch.Generator().manual_seed(3))
+    point_map = torch.zeros(1, 40, 56)
+    (encoded,) = E2PEncodeImage().encode(vae, images, "aligned", 64)
+    shared = {}
+    for task in ("depth", "normal", "matting"):
+        conditioning = E2PTaskConditioning().encode(task, "auto")[0]
+        (shared[task],) = E2PPerceive().perceive(model, vae, conditioning, images, 1, 42, "aligned", 64, 4, "auto",
+                                                 point_map=point_map if task == "matting" else None,
+                                                 encoded_image=encoded)
+    assert sum(encoder_frames) == 2 + 2  # the RGB once for all three tasks, matting's point map once
+    for task in ("depth", "normal", "matting"):
+        conditioning = E2PTaskConditioning().encode(task, "auto")[0]
+        alone = run_perceive(model, vae, conditioning, images, resolution=64,
+                             point_map=point_map if task == "matting" else None)
+        torch.testing.assert_close(shared[task].output, alone.output, atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="encoded_image holds 2 frames"):
+        run_perceive(model, vae, conditioning, images[:1], resolution=64, encoded_image=encoded)

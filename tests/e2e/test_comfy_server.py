@@ -21,7 +21,7 @@ from .events import FINAL_EVENTS, prompt_events
 
 PACK_NODES = {
     "E2PModelLoader", "E2PTaskConditioning", "E2PPointPrompt", "E2PPerceive", "E2PDepthOutput", "E2PNormalOutput",
-    "E2PMatteOutput", "E2PDepthAllInOne", "E2PNormalAllInOne", "E2PMattingAllInOne", "E2PVAELoader",
+    "E2PMatteOutput", "E2PDepthAllInOne", "E2PNormalAllInOne", "E2PMattingAllInOne", "E2PVAELoader", "E2PEncodeImage",
 }
 SUBJECT_CLICK = {"x": 29, "y": 33}  # on the disk of the test scene (centre 0.35 W, 0.55 H of 83x61)
 
