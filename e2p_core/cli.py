@@ -82,6 +82,10 @@ def predict(args: argparse.Namespace) -> None:
     args.seed = 42 if args.seed is None else args.seed
     args.resize = args.resize or "aligned"
     args.resolution = 768 if args.resolution is None else args.resolution
+    from .cli_sequence import is_sequence
+
+    if is_sequence(args.image) or args.tiles not in (None, "0"):
+        return _predict_frames(args)
     # Read and check every input before loading models, so a typo costs nothing and nothing is written.
     _check_output_path(args.out, (".png", ".npy"), "--out")
     if args.raw:
@@ -102,6 +106,40 @@ def predict(args: argparse.Namespace) -> None:
         on_step=lambda i, n: logger.info("step %d/%d", i + 1, n),
     )
     _write_outputs(args, result)
+
+
+def _predict_frames(args: argparse.Namespace) -> None:
+    """A folder of frames or a video (--out is a folder), and/or --tiles: e2p_core.cli_sequence streams them."""
+    from .cli_sequence import is_sequence, predict_frames, read_frames, tile_count, write_sequence
+    from .pipeline import perceive
+
+    sequence = is_sequence(args.image)
+    unsupported = [flag for flag, value in (("--raw", args.raw), ("--noise", args.noise), ("--points", args.points),
+                                            ("--point-mask", args.point_mask), ("--point-map", args.point_map))
+                   if value]
+    if unsupported:
+        raise InputError(f"{', '.join(unsupported)} take one image without --tiles")
+    if sequence and Path(args.out).suffix.lower() in (".png", ".npy"):
+        raise InputError(f"--out {args.out}: frames of a folder or video go into a folder; give a folder name")
+    if not sequence:
+        _check_output_path(args.out, (".png", ".npy"), "--out")
+    tile_count(args.tiles, (1, 1), args.resolution)  # a bad --tiles fails before the models load
+    device, dtype = device_and_dtype(args)
+    prompt = prompt_embeddings(args, device, dtype)
+    denoiser, codec, _ = load_model(args, device, dtype)
+
+    def run(images, points, point_map):
+        return perceive(denoiser, codec, images, args.task, prompt, points=points, point_map=point_map,
+                        steps=args.steps, seed=args.seed, resize=args.resize, resolution=args.resolution)
+
+    frames = read_frames(args.image) if sequence else iter([(Path(args.image).stem, load_image_rgb(args.image))])
+    outputs = predict_frames(run, frames, args.task, args.tiles, args.resolution, args.chunk_size)
+    if sequence:
+        logger.info("wrote %d frames to %s", write_sequence(args, outputs), args.out)
+        return
+    ((_, output),) = outputs
+    as_npy = args.out.lower().endswith(".npy")
+    publish({args.out: lambda tmp: write_map(tmp, output_view(args, output, as_npy), as_npy)})
 
 
 def _check_output_path(path: str, suffixes: tuple[str, ...], flag: str) -> None:
@@ -199,15 +237,17 @@ def _save_view(path: str, args, result: Perception) -> None:
     ``path`` is the staged temp file; the format comes from the final name ``args.out``.
     """
     as_npy = args.out.lower().endswith(".npy")
-    output = result.output[0]  # [C,H,W]
+    write_map(path, output_view(args, result.output[0], as_npy), as_npy)
+
+
+def output_view(args, output: torch.Tensor, as_npy: bool) -> np.ndarray:
+    """One frame's output [C,H,W] as the map --out holds: [H,W] depth or alpha, [H,W,3] normals."""
     if args.task == "depth":
-        view = depth_hint(output, args.depth_polarity)[0].numpy()  # [H,W]
-    elif args.task == "normal":
+        return depth_hint(output, args.depth_polarity)[0].numpy()  # [H,W]
+    if args.task == "normal":
         normals = normals_to_convention(output[None], args.normal_convention)[0]
-        view = (normals if as_npy else normals_to_rgb01(normals)).permute(1, 2, 0).numpy()
-    else:
-        view = output[0].numpy()
-    write_map(path, view, as_npy)
+        return (normals if as_npy else normals_to_rgb01(normals)).permute(1, 2, 0).numpy()
+    return output[0].numpy()
 
 
 # ------------------------------------------------------------------------------------------------------- convert
@@ -274,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from one pass (--out depth, --out-normal normals)")
     p.add_argument("--task", choices=sorted(TASKS), help="what to predict (Edit2Perceive)")
     add_model_arguments(p)
-    p.add_argument("--image", required=True, help="input image (RGB; grayscale and RGBA are converted)")
+    p.add_argument("--image", required=True, help="input image (RGB; grayscale and RGBA are converted), or a folder "
+                                                  "of frames or a video file (then --out is a folder)")
     p.add_argument("--out", required=True, help="output map: .png (16-bit gray for depth/alpha, 8-bit RGB for "
                                                 "normals) or .npy (float32)")
     p.add_argument("--raw", help="also write the stages velocity, latent, decoded, output (and point_map), at the "
@@ -306,6 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=resolution_arg,
                    help="processing size: longer side (aligned) or square side (reference), 'native', or WxH exactly "
                         "(FE2E); default 768 (Edit2Perceive), FE2E's buckets")
+    p.add_argument("--tiles", help="high-resolution tiling: N tiles along the longer side (a global pass + the "
+                                   "tiles: 1 + rows x cols DiT calls per frame), 'auto' (tiles of about the "
+                                   "processing size), or 0 (off, default)")
+    p.add_argument("--temporal", choices=("aligned", "independent"), default="aligned",
+                   help="depth of a folder or video: aligned co-aligns every frame's scale and shift to its "
+                        "neighbours (no flicker) and normalises the clip once (default); independent = per frame")
+    p.add_argument("--temporal-window", type=int, default=8, help="frames each frame is aligned to (default 8)")
+    p.add_argument("--temporal-horizon", type=int, default=24,
+                   help="frames on each side whose mean normalisation anchors the alignment (default 24)")
+    p.add_argument("--chunk-size", type=int, default=4, help="frames per model call for folders and videos")
+    p.add_argument("--sequence-format", choices=("png", "npy"), default="png",
+                   help="file type of each frame of a folder or video output")
     p.add_argument("--depth-polarity", choices=("near_white", "near_black"), default="near_white",
                    help="depth --out polarity: near_white for ControlNet (default), near_black as predicted")
     p.add_argument("--normal-convention", choices=("controlnet_bae", "opengl", "directx"), default="controlnet_bae",
