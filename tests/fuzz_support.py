@@ -12,7 +12,15 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from hypothesis import settings
 from hypothesis import strategies as st
+
+
+def budget(ci_examples: int) -> settings:
+    """Settings for a test whose examples are costly: ``ci_examples`` under the CI profile's budget, scaled alike
+    under the other profiles (``explore`` searches longer)."""
+    ci_budget = settings.get_profile("ci").max_examples
+    return settings(max_examples=max(1, settings.default.max_examples * ci_examples // ci_budget))
 
 
 def is_project_error(error: BaseException) -> bool:

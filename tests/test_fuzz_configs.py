@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from comfy_support import load_pack
-from fuzz_support import JSON_VALUES, parses_or_user_error, run_cli_expecting_error
-from hypothesis import given, settings
+from fuzz_support import JSON_VALUES, budget, parses_or_user_error, run_cli_expecting_error
+from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import FIXTURES, TINY_DIT_CONFIG
@@ -73,7 +73,7 @@ def test_config_files_parse_or_are_refused(folder, blob):
         parses_or_user_error(infer_vae_architecture, vae_sd, config)
 
 
-@settings(max_examples=12)  # an accepted config runs the tiny model once
+@budget(12)  # an accepted config runs the tiny model once
 @given(dit_config=CONFIGS, vae_config=CONFIGS)
 def test_accepted_configs_build_models_that_run(folder, prompt_files, dit_config, vae_config):
     """Settings of any type and value; those accepted build the diffusers backend (and the node's ComfyUI model)
@@ -92,7 +92,7 @@ def test_accepted_configs_build_models_that_run(folder, prompt_files, dit_config
         assert result is not None and torch.isfinite(result.output).all()
 
 
-@settings(max_examples=15)
+@budget(15)
 @given(blob=CONFIG_BYTES, flag=st.sampled_from(["--dit-config", "--vae-config"]))
 def test_cli_configs_end_in_an_error_and_write_nothing(folder, prompt_files, blob, flag):
     """A config file of any bytes (a missing --vae or --dit-config ends a run that accepts it)."""

@@ -5,6 +5,7 @@ error with a message; the CLI then exits with status 2 and writes nothing. Budge
 in tests/conftest.py."""
 
 import functools
+import io
 import json
 import shutil
 import tempfile
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from comfy_support import load_pack
-from fuzz_support import arrays, damaged, parses_or_user_error, run_cli_expecting_error, safetensors_bytes
-from hypothesis import given, settings
+from fuzz_support import arrays, budget, damaged, parses_or_user_error, run_cli_expecting_error, safetensors_bytes
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 from safetensors.torch import load_file, save_file
@@ -87,7 +88,7 @@ def wrong_tensors(draw, keys):
     return tensors
 
 
-@settings(max_examples=40)
+@budget(40)
 @given(data=st.data(), which=st.sampled_from(["dit", "vae", "lora"]))
 def test_weights_with_wrong_tensors(folder, fixture_models, data, which):
     """The fixture's DiT, VAE or LoRA in a valid container with keys missing and others of the wrong shape/dtype."""
@@ -119,7 +120,7 @@ def test_prompt_embedding_files(folder, prompt_embeds, pooled, metadata, drop):
     parses_or_user_error(recorded_time_embedding, [(path, 1.0)])
 
 
-@settings(max_examples=15)
+@budget(15)
 @given(blob=safetensors_bytes(), flag=st.sampled_from(["--dit", "--vae", "--lora", "--prompt-embeds", "--noise"]))
 def test_cli_weight_files_end_in_an_error_and_write_nothing(folder, prompt_files, dit_config_file, blob, flag):
     """Each file flag of `predict` given a broken file (the other inputs are fine)."""
@@ -135,7 +136,7 @@ def test_cli_weight_files_end_in_an_error_and_write_nothing(folder, prompt_files
     run_cli_expecting_error(main, argv, out)
 
 
-@settings(max_examples=15)
+@budget(15)
 @given(blob=safetensors_bytes(), kind=st.sampled_from(["dit", "vae", "lora"]), to=st.sampled_from(["bfl", "kohya"]))
 def test_cli_convert_ends_in_an_error_and_writes_nothing(folder, blob, kind, to):
     path = folder / "convert_input.safetensors"
@@ -155,7 +156,7 @@ def gguf_bytes() -> bytes:
         return (Path(folder) / "valid.gguf").read_bytes()
 
 
-@settings(max_examples=30)
+@budget(30)
 @given(data=st.data())
 def test_damaged_gguf_files(folder, data):
     """A city96-style GGUF DiT, truncated or with bytes overwritten (header, tensor infos or data)."""
@@ -165,3 +166,30 @@ def test_damaged_gguf_files(folder, data):
     valid = gguf_bytes()
     path.write_bytes(data.draw(damaged(valid) | damaged(valid[:512]) | st.binary(max_size=64)))
     parses_or_user_error(load_gguf_dit, path, TINY_DIT_CONFIG)
+
+
+@functools.cache
+def png_bytes(mode: str) -> bytes:
+    """A small valid PNG of ``mode`` (RGB for --image, 16-bit grey for a --point-mask)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    values = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64)
+    picture = Image.fromarray(values if mode == "I;16" else np.stack([values % 256] * 3, axis=-1).astype(np.uint8))
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@budget(30)
+@given(data=st.data(), flag=st.sampled_from(["--image", "--point-mask", "--point-map"]))
+def test_cli_damaged_pictures_end_in_an_error_and_write_nothing(folder, prompt_files, data, flag):
+    """A damaged PNG as the image or as a matting mask / point map (a missing --dit ends a run that reads it)."""
+    valid = png_bytes("RGB" if flag == "--image" else "I;16")
+    path = folder / "picture.png"
+    path.write_bytes(data.draw(damaged(valid) | damaged(valid[:200]) | st.binary(max_size=64)))
+    out = folder / "picture_out"
+    args = {"--image": str(FIXTURES / "input.png"), flag: str(path)}
+    argv = ["predict", "--task", "matting", "--dit", str(folder / "missing.safetensors"),
+            "--vae", str(FIXTURES / "vae_bfl.safetensors"), "--prompt-embeds", str(prompt_files["matting"]),
+            "--device", "cpu", "--out", str(out / "alpha.png"), *[item for pair in args.items() for item in pair]]
+    run_cli_expecting_error(main, argv, out)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from comfy_support import load_pack
-from fuzz_support import POINT_TEXTS, arrays, parses_or_user_error, run_cli_expecting_error
-from hypothesis import given, settings
+from fuzz_support import POINT_TEXTS, arrays, budget, parses_or_user_error, run_cli_expecting_error
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 from safetensors.torch import save_file
@@ -59,7 +59,7 @@ def test_point_prompt_node_validates_or_refuses_any_text(positive, negative):
         assert built[1].shape == (1, 20, 24) and torch.isfinite(built[1]).all()
 
 
-@settings(max_examples=30)
+@budget(30)
 @given(POINT_TEXTS)
 def test_cli_points_end_in_an_error_and_write_nothing(tmp_path_factory, prompt_files, text):
     """--points with any text (a missing --dit ends the run once the points are read)."""
@@ -118,7 +118,7 @@ def tiny_backend():
     return load_diffusers_backend(dit, load_vae(FIXTURES / "vae_bfl.safetensors"), torch.float32, "cpu")
 
 
-@settings(max_examples=40)
+@budget(40)
 @given(values=arrays(MAP_SHAPES), use_mask=st.booleans())
 def test_point_maps_and_masks_through_the_pipeline(tiny_backend, matting_prompt, values, use_mask):
     """A map (or a mask for the training-style prompt) of any shape, dtype and values for a 16x17 image."""
@@ -153,7 +153,7 @@ def test_point_prompt_node_masks_and_perceive_point_maps(values):
         assert checked.ndim == 3 and checked.shape[0] in (1, 2)
 
 
-@settings(max_examples=30)
+@budget(30)
 @given(values=arrays(MAP_SHAPES), flag=st.sampled_from(["--point-map", "--point-mask"]))
 def test_cli_point_map_files_end_in_an_error_and_write_nothing(tmp_path_factory, prompt_files, values, flag):
     """A safetensors point map / mask of any shape, dtype and values (a missing --dit ends a run that reads it)."""
