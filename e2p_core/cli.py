@@ -50,7 +50,7 @@ from .errors import E2PError, InputError
 from .evaluation.command import add_evaluate_parser
 from .hub import Store
 from .hub.command import add_download_parser
-from .images import load_image_rgb
+from .images import load_image_rgb, reading_picture
 from .pipeline import Perception, PointPrompt
 from .points import parse_points, to_pixel_coords, warn_negative_points
 from .prompts import encode_prompts, save_prompt_embeddings
@@ -188,13 +188,8 @@ def _read_map(path: str, image_hw, key: str) -> np.ndarray:
         while values.ndim > 2 and values.shape[0] == 1:  # tolerate [1,H,W] and [1,1,H,W]
             values = values[0]
     else:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as img:
-                raw = np.asarray(img)
-        except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc}") from None
+        with reading_picture(path) as img:
+            raw = np.asarray(img)
         if raw.ndim == 3:
             raw = raw[..., 0]
         values = raw.astype(np.float32) / (65535.0 if raw.dtype == np.uint16 else 255.0)

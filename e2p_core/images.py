@@ -15,16 +15,18 @@ divisible by 16 (VAE /8, then 2x2 patchify). :func:`restore` crops the padding a
 exact input H x W (the reference app resizes back too, with NEAREST; bilinear is used here).
 """
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .errors import InputError
 
@@ -75,19 +77,27 @@ def load_image_rgb(path: str | os.PathLike, apply_exif_orientation: bool = True)
     (``.convert("RGB")`` would clip it to white). The EXIF orientation is applied by default, as ComfyUI's LoadImage
     does; the reference does not, so pass ``apply_exif_orientation=False`` to reproduce it on rotated photos.
     """
+    with reading_picture(path) as img:
+        check_image_size(img.height, img.width)
+        if apply_exif_orientation:
+            img = ImageOps.exif_transpose(img)
+        return _pil_to_rgb_uint8(img, str(path))
+
+
+@contextlib.contextmanager
+def reading_picture(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """``Image.open(path)`` for the body of a ``with``; every failure there, while opening or decoding a missing,
+    damaged or foreign file, becomes an InputError naming the file."""
     try:
         with Image.open(path) as img:
-            check_image_size(img.height, img.width)
-            if apply_exif_orientation:
-                img = ImageOps.exif_transpose(img)
-            return _pil_to_rgb_uint8(img, str(path))
+            yield img
     except FileNotFoundError:
         raise InputError(f"image file {str(path)!r} does not exist") from None
     except Image.DecompressionBombError as err:
         raise InputError(f"image file {str(path)!r} is too large to decode safely ({err})") from None
     except InputError as err:
         raise InputError(f"image file {str(path)!r}: {err}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except Exception as err:  # Pillow's decoders fail on damaged files with OSError, ValueError, SyntaxError, ...
         raise InputError(f"cannot read {str(path)!r} as an image (PNG, JPEG, WebP, ...): {err}") from None
 
 
