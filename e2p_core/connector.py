@@ -71,8 +71,9 @@ def load_prompt_cache(path: str | Path) -> PromptCache:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"prompt cache {path.name!r} is not a readable .npz file: {exc}") from None
+    except Exception as exc:  # numpy's and zipfile's parsers fail on a damaged file with whatever error they meet
+        raise InputError(f"prompt cache {path.name!r} is not a readable .npz file: {type(exc).__name__}: "
+                         f"{str(exc)[:200]}") from None
     missing = [key for key in ("embeds", "masks") if key not in arrays]
     if missing:
         raise InputError(f"prompt cache {path.name!r} lacks {missing}; it has {sorted(arrays)} (expected 'embeds' "
@@ -88,11 +89,12 @@ def load_prompt_cache(path: str | Path) -> PromptCache:
     if masks.shape != embeds.shape[:1] or not (np.issubdtype(masks.dtype, np.integer) or masks.dtype == bool):
         raise InputError(f"prompt cache {path.name!r}: 'masks' is {masks.dtype} {list(masks.shape)}; expected "
                          f"integer [{embeds.shape[0]}] (one 0/1 per row of 'embeds')")
+    embeds = embeds.astype(np.float32)  # what the connector computes with: float64 beyond its range is infinite
     if not np.isfinite(embeds).all():
-        raise InputError(f"prompt cache {path.name!r}: 'embeds' has NaN or infinite values")
+        raise InputError(f"prompt cache {path.name!r}: 'embeds' has NaN or infinite values (in float32)")
     if not np.isin(masks, (0, 1)).all() or not masks.any():
         raise InputError(f"prompt cache {path.name!r}: 'masks' must be 0/1 with at least one 1")
-    return PromptCache(torch.from_numpy(embeds.astype(np.float32))[None],
+    return PromptCache(torch.from_numpy(embeds)[None],
                        torch.from_numpy(masks.astype(np.int64))[None])
 
 
