@@ -34,6 +34,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIMS = Path(__file__).resolve().parent / "shims"
+VAE_PROBE = Path(__file__).resolve().parent / "vae_probe"
 PACK_FOLDER_NAME = "ComfyUI-Edit2Perceive"  # as a user's clone would be called; a hyphen is legal for ComfyUI packs
 INSTALL_HINT = "run `bash tests/e2e/install.sh` (tests/run.sh does) to install ComfyUI into this venv"
 START_TIMEOUT_S = 240.0  # a cold page cache can make ComfyUI's start take 30 s on this machine
@@ -92,6 +93,9 @@ class ComfyServer:
         tree = comfyui_dir()
         if not self.pack_link.exists():
             self.pack_link.symlink_to(REPO_ROOT, target_is_directory=True)
+        probe_link = self.base_dir / "custom_nodes" / "e2e_vae_probe"  # counts VAE encoder frames (vae_probe/)
+        if not probe_link.exists():
+            probe_link.symlink_to(VAE_PROBE, target_is_directory=True)
         python_path = os.pathsep.join(filter(None, [str(SHIMS), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
         command = [

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .api_prompts import CONDITIONING, IMAGE, MODEL, PERCEIVE, POINTS, SAVE, node, perceive_prompt
+from .api_prompts import BATCH, CONDITIONING, IMAGE, MODEL, PERCEIVE, POINTS, SAVE, VAE, node, perceive_prompt
 from .comfy_server import PACK_FOLDER_NAME, ComfyServer, PromptRejected, messages
 from .conftest import BACKGROUND_IMAGE, BROKEN_EMBEDDINGS, ODD_IMAGE, ODD_SIZE_WH, TEST_DIT, TEST_VAE
 from .events import FINAL_EVENTS, prompt_events
@@ -202,3 +202,28 @@ async def _interrupt_after_first_progress(server: ComfyServer, prompt: dict) -> 
         elif event["type"] in FINAL_EVENTS:
             events["final"] = event
     return events
+
+
+# ---------------------------------------------------------------------------------------------- shared encode
+
+
+def test_one_encode_node_feeds_three_tasks_and_the_vae_encodes_each_frame_once(comfy):
+    """depth, normals and matting of a 2-frame batch from one 'Encode Image': ComfyUI's VAE encoder (counted by the
+    e2e probe extension) sees each frame once for the RGB, plus matting's own point-map context."""
+    prompt = perceive_prompt("depth", ODD_IMAGE, TEST_DIT, TEST_VAE, batch=2, prefix="shared_depth")
+    prompt["20"] = node("E2PEncodeImage", vae=[VAE, 0], image=[BATCH, 0], resize_mode="aligned", resolution=128)
+    prompt[PERCEIVE]["inputs"]["encoded_image"] = ["20", 0]
+    for task, first_id in (("normal", 30), ("matting", 40)):
+        conditioning, perceive, output = str(first_id), str(first_id + 1), str(first_id + 2)
+        prompt[conditioning] = node("E2PTaskConditioning", task=task, embeddings="auto")
+        prompt[perceive] = {**prompt[PERCEIVE], "inputs": {**prompt[PERCEIVE]["inputs"],
+                                                           "conditioning": [conditioning, 0]}}
+        if task == "normal":
+            prompt[output] = node("E2PNormalOutput", prediction=[perceive, 0], convention="controlnet_bae")
+        else:
+            prompt[output] = node("E2PMatteOutput", prediction=[perceive, 0])
+        prompt[str(first_id + 3)] = node("PreviewImage", images=[output, 0] if task == "normal" else [output, 1])
+    before = comfy.server.get("/e2e_probe/vae_encoded_frames")["frames"]
+    _run_ok(comfy.server, prompt)
+    encoded = comfy.server.get("/e2e_probe/vae_encoded_frames")["frames"] - before
+    assert encoded == 2 + 2, f"the VAE encoder saw {encoded} frames; expected 2 (RGB, shared) + 2 (matting's map)"
