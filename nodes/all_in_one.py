@@ -23,7 +23,7 @@ from .outputs import (
     matte_outputs,
     normal_outputs,
 )
-from .perceive import RESOLUTION_INPUT, run_perceive
+from .perceive import ENCODED_IMAGE_INPUT, RESOLUTION_INPUT, run_perceive
 from .point_prompt import (
     COORD_SPACE_TOOLTIP,
     COORD_SPACES,
@@ -47,9 +47,11 @@ def _common_inputs() -> dict:
     }
 
 
-def _predict(task, model, vae, image, embeddings, resolution, clip, graph, node_id, point_prompt=None):
+def _predict(task, model, vae, image, embeddings, resolution, clip, graph, node_id, point_prompt=None,
+             encoded_image=None):
     conditioning = to_conditioning(task, task_embeddings(task, embeddings, clip, "", graph, node_id))
-    return run_perceive(model, vae, conditioning, image, resolution=resolution, point_prompt=point_prompt)
+    return run_perceive(model, vae, conditioning, image, resolution=resolution, point_prompt=point_prompt,
+                        encoded_image=encoded_image)
 
 
 class _AllInOne:
@@ -70,11 +72,12 @@ class E2PDepthAllInOne(_AllInOne):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {**_common_inputs(), "polarity": POLARITY_INPUT, "normalization": NORMALIZATION_INPUT},
-                "optional": {"clip": CLIP_INPUT}, "hidden": HIDDEN}
+                "optional": {"clip": CLIP_INPUT, "encoded_image": ENCODED_IMAGE_INPUT}, "hidden": HIDDEN}
 
     def run(self, model, vae, image, embeddings, resolution, polarity, normalization, clip=None, graph=None,
-            node_id=None):
-        prediction = _predict(self.TASK, model, vae, image, embeddings, resolution, clip, graph, node_id)
+            node_id=None, encoded_image=None):
+        prediction = _predict(self.TASK, model, vae, image, embeddings, resolution, clip, graph, node_id,
+                              encoded_image=encoded_image)
         return depth_outputs(prediction, polarity, normalization)
 
 
@@ -87,10 +90,12 @@ class E2PNormalAllInOne(_AllInOne):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {**_common_inputs(), "convention": CONVENTION_INPUT},
-                "optional": {"clip": CLIP_INPUT}, "hidden": HIDDEN}
+                "optional": {"clip": CLIP_INPUT, "encoded_image": ENCODED_IMAGE_INPUT}, "hidden": HIDDEN}
 
-    def run(self, model, vae, image, embeddings, resolution, convention, clip=None, graph=None, node_id=None):
-        prediction = _predict(self.TASK, model, vae, image, embeddings, resolution, clip, graph, node_id)
+    def run(self, model, vae, image, embeddings, resolution, convention, clip=None, graph=None, node_id=None,
+            encoded_image=None):
+        prediction = _predict(self.TASK, model, vae, image, embeddings, resolution, clip, graph, node_id,
+                              encoded_image=encoded_image)
         return normal_outputs(prediction, convention)
 
 
@@ -112,6 +117,7 @@ class E2PMattingAllInOne(_AllInOne):
                 "negative_coords": ("STRING", {"default": "", "multiline": True, "tooltip": NEGATIVE_TOOLTIP}),
                 "mask": ("MASK", {"tooltip": MASK_TOOLTIP}),
                 "clip": CLIP_INPUT,
+                "encoded_image": ENCODED_IMAGE_INPUT,
             },
             "hidden": HIDDEN,
         }
@@ -121,8 +127,8 @@ class E2PMattingAllInOne(_AllInOne):
         return validate_point_strings(positive_coords=positive_coords, negative_coords=negative_coords)
 
     def run(self, model, vae, image, embeddings, resolution, positive_coords, coords_space, negative_coords="",
-            mask=None, clip=None, graph=None, node_id=None):
+            mask=None, clip=None, graph=None, node_id=None, encoded_image=None):
         point_prompt, _ = make_point_prompt(image, positive_coords, coords_space, "app", negative_coords, mask)
         prediction = _predict(self.TASK, model, vae, image, embeddings, resolution, clip, graph, node_id,
-                              point_prompt)
+                              point_prompt, encoded_image)
         return matte_outputs(prediction)

@@ -154,6 +154,11 @@ RESOLUTION_INPUT = ("INT", {
                "always has the input's exact size."})
 
 
+ENCODED_IMAGE_INPUT = (E2P_ENCODED_IMAGE, {
+    "tooltip": "The same image encoded once by 'Edit2Perceive Encode Image' (same resolution), shared with other "
+               "nodes: skips this node's VAE encode."})
+
+
 class E2PPerceive:
     DESCRIPTION = (
         "Runs Edit2Perceive: the DiT predicts depth, normals or matting alpha (the task of the conditioning) for every "
@@ -202,9 +207,7 @@ class E2PPerceive:
                                                                "Prompt'."}),
                 "point_map": ("MASK", {"tooltip": "Matting: a soft point map in 0..1 at the image size instead of "
                                                   "clicks (1 = foreground point)."}),
-                "encoded_image": (E2P_ENCODED_IMAGE, {"tooltip": "The same image encoded once by 'Edit2Perceive "
-                                                                 "Encode Image', shared with other perceive nodes "
-                                                                 "(skips this node's VAE encode)."}),
+                "encoded_image": ENCODED_IMAGE_INPUT,
                 "tiles": ("INT", {
                     "default": 0, "min": AUTO_TILES, "max": 16,
                     "tooltip": "High-resolution tiling: 0 = off (one pass at the processing size); N = a global pass "

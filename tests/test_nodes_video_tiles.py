@@ -97,3 +97,26 @@ def test_one_encode_node_feeds_three_perceive_nodes(model, tmp_path, prompt_file
         torch.testing.assert_close(shared[task].output, alone.output, atol=1e-6, rtol=0)
     with pytest.raises(InputError, match="encoded_image holds 2 frames"):
         run_perceive(model, vae, conditioning, images[:1], resolution=64, encoded_image=encoded)
+
+
+def test_all_in_one_nodes_take_the_shared_encode(model, tmp_path, prompt_files):
+    from e2p_pack.nodes.all_in_one import E2PDepthAllInOne, E2PNormalAllInOne
+    from e2p_pack.nodes.encode import E2PEncodeImage
+
+    folders = use_model_folders(tmp_path)
+    for task, path in prompt_files.items():
+        shutil.copy(path, folders["e2p_prompts"] / f"{task}.safetensors")
+    vae = tiny_flux_vae(load_file(FIXTURES / "vae_bfl.safetensors"))
+    images = torch.rand(1, 40, 56, 3, generator=torch.Generator().manual_seed(4))
+    (encoded,) = E2PEncodeImage().encode(vae, images, "aligned", 64)
+    encoder_frames = []
+    encoder = vae.first_stage_model.encode
+    vae.first_stage_model.encode = lambda pixels: encoder_frames.append(pixels.shape[0]) or encoder(pixels)
+    shared_depth = E2PDepthAllInOne().run(model, vae, images, "auto", 64, "near_white", "none", encoded_image=encoded)
+    shared_normal = E2PNormalAllInOne().run(model, vae, images, "auto", 64, "controlnet_bae", encoded_image=encoded)
+    assert encoder_frames == []  # both reused the encode
+    own_depth = E2PDepthAllInOne().run(model, vae, images, "auto", 64, "near_white", "none")
+    own_normal = E2PNormalAllInOne().run(model, vae, images, "auto", 64, "controlnet_bae")
+    assert encoder_frames == [1, 1]
+    torch.testing.assert_close(shared_depth[1], own_depth[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(shared_normal[0], own_normal[0], atol=1e-6, rtol=0)
