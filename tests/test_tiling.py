@@ -28,7 +28,7 @@ def stand_in(rng: np.random.Generator, noise: float, affine: bool):
             scale = PROCESSING_SIDE / max(height, width)
             small = F.interpolate(truth[None], scale_factor=scale, mode="area")
             truth = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0]
-        a, b = (rng.uniform(0.6, 1.0), rng.uniform(-0.1, 0.1)) if affine else (1.0, 0.0)
+        a, b = (np.exp(rng.uniform(-0.25, 0.25)), rng.uniform(-0.1, 0.1)) if affine else (1.0, 0.0)
         prediction = a * (truth - 0.5) + 0.5 + b + noise * torch.from_numpy(rng.normal(size=truth.shape))
         return prediction.clamp(0, 1).float()
     return perceiver
@@ -60,8 +60,7 @@ def test_aligned_tiles_are_as_accurate_as_the_noise_alone():
                                 tiles)
     global_only = perceive_tiled(stand_in(np.random.default_rng(0), 0.01, affine=False), as_image(truth), "depth", 0)
     assert merged.shape == (1, *hw)
-    # The issue asks for 1.1x; this merge reaches about 1.13x here (the README says so).
-    assert abs_rel(merged[0], sqrt_depth) <= 1.2 * abs_rel(noise_only[0], sqrt_depth)
+    assert abs_rel(merged[0], sqrt_depth) <= 1.1 * abs_rel(noise_only[0], sqrt_depth)
     assert abs_rel(merged[0], sqrt_depth) < 0.7 * abs_rel(global_only[0], sqrt_depth)  # tiling brought the detail
 
 
