@@ -12,7 +12,7 @@ They come in two layouts, and both load here:
   files, where ``python -m e2p_core download`` puts them) or the copies ComfyUI ships (``comfy/sd1_tokenizer``,
   ``comfy/text_encoders/t5_tokenizer``): they give the same token ids.
 
-``transformers`` is optional (the ``text`` extra) and is imported only when an encoder is loaded.
+``transformers`` is imported only when an encoder is loaded.
 """
 
 import importlib.util
@@ -64,7 +64,7 @@ T5_XXL_CONFIG = {
 CLIP_HEAD_DIM = 64  # every OpenAI CLIP text tower (B, L, H, G) splits its width into 64-wide heads
 CLIP_PREFIX = "text_model."  # CLIP's key prefix in the files; transformers >= 5 drops it from CLIPTextModel's keys
 
-INSTALL_HINT = "encoding prompts needs transformers: `pip install -e .[text]` (or `pip install transformers`)"
+INSTALL_HINT = "encoding prompts needs transformers, a dependency of this package: `pip install transformers`"
 
 
 @dataclass(frozen=True)
