@@ -38,6 +38,9 @@ from .errors import CheckpointError
 from .time_embedding import TimeEmbedding, check_time_embedding
 
 TIME_EMBEDDING_METADATA_KEY = "e2p.time_embedding"
+# FLUX's guidance embedder in BFL, DiffSynth and diffusers naming; Step1X-Edit has none.
+GUIDANCE_EMBEDDER_KEYS = ("guidance_in.in_layer.weight", "guidance_embedder.timestep_embedder.0.weight",
+                          "time_text_embed.guidance_embedder.linear_1.weight")
 
 
 @dataclass
@@ -73,9 +76,7 @@ def load_dit(
         state_dict, folder_config = load_state_dict(path), {}
         metadata = read_metadata(path) if path.suffix in SAFETENSORS_SUFFIXES else {}
     config = load_config_json(config) if isinstance(config, (str, Path)) else (config or folder_config)
-    if any(key.startswith(CONNECTOR_PREFIX) for key in strip_prefixes(state_dict)):
-        raise CheckpointError(f"{path.name} is a Step1X-Edit (FE2E) checkpoint (it has connector.* tensors), not a "
-                              f"FLUX Kontext / Edit2Perceive DiT; run it as FE2E (--model fe2e)")
+    check_dit_family(strip_prefixes(state_dict), path.name, "e2p")
     state_dict_bfl, source_format = to_bfl(dequantize(state_dict, fp8_dtype))
     architecture = infer_dit_architecture(state_dict_bfl, config)
     state_dict_bfl = merge_loras(state_dict_bfl, loras, architecture.mlp_ratio, family="e2p")
@@ -90,13 +91,34 @@ _OTHER_FAMILY_LORA = {
 }
 
 
+def check_lora_family(lora_path: str | Path, family: str) -> None:
+    """Refuse a LoRA written for the other model family (when its file tells; see :func:`lora_family`)."""
+    found = lora_family(lora_path)
+    if found is not None and found != family:
+        raise CheckpointError(f"{Path(lora_path).name} {_OTHER_FAMILY_LORA[family]}")
+
+
+def check_dit_family(state_dict: dict[str, torch.Tensor], name: str, family: str) -> None:
+    """Refuse a DiT of the other family: Step1X-Edit (FE2E) files carry ``connector.*`` and no guidance embedder,
+    FLUX Kontext / Edit2Perceive files no connector. ``state_dict`` has its wrapper prefixes stripped."""
+    has_connector = any(key.startswith(CONNECTOR_PREFIX) for key in state_dict)
+    if family == "e2p" and has_connector:
+        raise CheckpointError(f"{name} is a Step1X-Edit (FE2E) checkpoint (it has connector.* tensors), not a FLUX "
+                              f"Kontext / Edit2Perceive DiT; run it as FE2E (--model fe2e, or the FE2E Model Loader "
+                              f"node)")
+    if family == "fe2e" and not has_connector:
+        raise CheckpointError(f"{name} has no connector.* tensors: it is not a Step1X-Edit (FE2E) checkpoint but a "
+                              f"FLUX / Edit2Perceive DiT; run it as Edit2Perceive (--model e2p, or the Edit2Perceive "
+                              f"Model Loader node)")
+    if family == "fe2e" and any(key in state_dict for key in GUIDANCE_EMBEDDER_KEYS):
+        raise CheckpointError(f"{name} has a guidance embedder; Step1X-Edit has none (is it a FLUX DiT?)")
+
+
 def merge_loras(state_dict_bfl: dict[str, torch.Tensor], loras: list[tuple[str | Path, float]], mlp_ratio: float,
                 family: str) -> dict[str, torch.Tensor]:
     """Merge the (path, strength) LoRAs into a BFL state dict of the ``family`` model, refusing the other family's."""
     for lora_path, strength in loras:
-        found = lora_family(lora_path)
-        if found is not None and found != family:
-            raise CheckpointError(f"{Path(lora_path).name} {_OTHER_FAMILY_LORA[family]}")
+        check_lora_family(lora_path, family)
         lora = load_lora_file(lora_path, mlp_ratio)
         state_dict_bfl = merge_lora(state_dict_bfl, lora, strength, source=Path(lora_path).name)
     return state_dict_bfl
@@ -159,23 +181,23 @@ def load_step1x(
     config = load_config_json(config) if isinstance(config, (str, Path)) else dict(config or {})
     state_dict = strip_prefixes(load_state_dict(path))
     dit_state_dict, connector_state_dict = split_connector(state_dict)
-    if not connector_state_dict:
-        raise CheckpointError(f"{path.name} has no connector.* tensors: it is not a Step1X-Edit (FE2E) checkpoint "
-                              f"but a FLUX / Edit2Perceive DiT; run it as Edit2Perceive (--model e2p)")
+    check_dit_family(state_dict, path.name, "fe2e")
     state_dict_bfl, source_format = to_bfl(dequantize(dit_state_dict, dtype or torch.bfloat16))
     if dtype is not None:
         state_dict_bfl = {key: value.to(dtype) for key, value in state_dict_bfl.items()}
-    if "guidance_in.in_layer.weight" in state_dict_bfl:
-        raise CheckpointError(f"{path.name} has a guidance embedder; Step1X-Edit has none (is it a FLUX DiT?)")
     architecture = infer_dit_architecture(state_dict_bfl, config)
     state_dict_bfl = merge_loras(state_dict_bfl, loras, architecture.mlp_ratio, family="fe2e")
     connector_state_dict = dequantize(connector_state_dict, dtype or torch.bfloat16)
     connector_architecture = infer_connector_architecture(connector_state_dict, config.get("connector"))
-    if connector_architecture.hidden_size != architecture.text_dim:
-        raise CheckpointError(f"{path.name}: the connector is {connector_architecture.hidden_size} wide but the DiT's "
-                              f"txt_in takes {architecture.text_dim}")
+    check_connector_fits(connector_architecture, architecture, path.name)
     dit = DiTWeights(state_dict_bfl, architecture, source_format, None)
     return Step1XWeights(dit, connector_state_dict, connector_architecture)
+
+
+def check_connector_fits(connector: ConnectorArchitecture, dit: DiTArchitecture, name: str) -> None:
+    if connector.hidden_size != dit.text_dim:
+        raise CheckpointError(f"{name}: the connector is {connector.hidden_size} wide but the DiT's txt_in takes "
+                              f"{dit.text_dim}")
 
 
 FE2E_LORA_SCALE = 0.5  # FE2E's LoRA: rank 64, alpha 32

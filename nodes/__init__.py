@@ -1,12 +1,14 @@
 """The ComfyUI nodes of the Edit2Perceive pack (registered by the repository's ``__init__.py``).
 
 Loader -> task conditioning (+ point prompt) -> perceive -> depth / normal / matte output; or one all-in-one node
-per task. Every node is a thin schema over ``e2p_core`` and the ComfyUI backend in ``comfy_backend``.
+per task. FE2E: its loader -> its conditioning -> one perceive giving depth and normals -> the same output nodes.
+Every node is a thin schema over ``e2p_core`` and the ComfyUI backends (``comfy_backend``, ``comfy_fe2e``).
 """
 
 from .all_in_one import E2PDepthAllInOne, E2PMattingAllInOne, E2PNormalAllInOne
 from .conditioning import E2PTaskConditioning, register_prompts_folder
 from .encode import E2PEncodeImage
+from .fe2e import FE2EConditioning, FE2EModelLoader, FE2EPerceive
 from .loader import E2PModelLoader, E2PVAELoader
 from .outputs import E2PDepthOutput, E2PMatteOutput, E2PNormalOutput
 from .perceive import E2PPerceive
@@ -29,6 +31,9 @@ _NODES = {
     "E2PDepthAllInOne": (E2PDepthAllInOne, "Edit2Perceive Depth (All-in-One)"),
     "E2PNormalAllInOne": (E2PNormalAllInOne, "Edit2Perceive Normals (All-in-One)"),
     "E2PMattingAllInOne": (E2PMattingAllInOne, "Edit2Perceive Matting (All-in-One)"),
+    "E2PFE2EModelLoader": (FE2EModelLoader, "FE2E Model Loader"),
+    "E2PFE2EConditioning": (FE2EConditioning, "FE2E Conditioning"),
+    "E2PFE2EPerceive": (FE2EPerceive, "FE2E Perceive (depth + normals)"),
 }
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in _NODES.items()}

@@ -32,9 +32,9 @@ from ..e2p_core.connector import (
     infer_connector_architecture,
     split_connector,
 )
-from ..e2p_core.errors import CheckpointError
+from ..e2p_core.errors import CheckpointError, InputError
 from ..e2p_core.schedule import LATENT_CHANNELS
-from ..e2p_core.weights import lora_family
+from ..e2p_core.weights import check_connector_fits, check_dit_family, check_lora_family
 from .comfy_backend import ComfyCodec, check_flux_model, compute_dtype, reference_time_sinusoid
 from .loader import add_lora_patches, flux_model_from_state_dict, model_options_for
 
@@ -46,6 +46,13 @@ class ComfyStep1XDenoiser:
 
     def __init__(self, model: ModelPatcher, connector: Qwen2Connector):
         check_flux_model(model)
+        flux = model.model.diffusion_model
+        if flux.params.guidance_embed:
+            raise InputError("the MODEL has FLUX's guidance embedder: it is a FLUX / Edit2Perceive DiT, not FE2E's "
+                             "Step1X-Edit; load it with 'FE2E Model Loader'")
+        if flux.txt_in.in_features != connector.arch.hidden_size:
+            raise InputError(f"the FE2E conditioning's connector gives {connector.arch.hidden_size}-wide text, the "
+                             f"MODEL takes {flux.txt_in.in_features}: use the connector of the same checkpoint")
         self.model = model
         self.dtype = compute_dtype(model)
         self.device = model.load_device
@@ -87,29 +94,30 @@ class ComfyPosteriorCodec(ComfyCodec):
         return self.latent_format.process_in(sample).to(self.device, self.dtype)
 
 
-def load_fe2e_model(dit_path: str | Path, lora_path: str | Path | None = None, lora_strength: float = 1.0
-                    ) -> tuple[ModelPatcher, Qwen2Connector]:
+def load_fe2e_model(dit_path: str | Path, lora_path: str | Path | None = None, lora_strength: float = 1.0,
+                    weight_dtype: str = "default") -> tuple[ModelPatcher, Qwen2Connector]:
     """``step1x-edit-i1258.safetensors`` (+ FE2E's LoRA as patches) -> (a ComfyUI Flux MODEL, the connector).
 
     Non-FLUX sizes (test models) need a diffusers-style ``<name>.json`` beside the file, as for Edit2Perceive; it may
-    carry the ``connector`` object of ``--dit-config``.
+    carry the ``connector`` object of ``--dit-config``. ``weight_dtype`` is core UNETLoader's storage choice.
     """
     dit_path = Path(dit_path)
-    dit_state_dict, connector_state_dict = split_connector(strip_prefixes(load_state_dict(dit_path)))
-    if not connector_state_dict:
-        raise CheckpointError(f"{dit_path.name} has no connector.* tensors: it is not a Step1X-Edit (FE2E) checkpoint")
+    state_dict = strip_prefixes(load_state_dict(dit_path))
+    check_dit_family(state_dict, dit_path.name, "fe2e")
+    if lora_path is not None:
+        check_lora_family(lora_path, "fe2e")
+    dit_state_dict, connector_state_dict = split_connector(state_dict)
     sidecar = dit_path.with_suffix(".json")
     config = load_config_json(sidecar) if sidecar.is_file() else {}
     architecture = infer_dit_architecture(dit_state_dict, config)
     if architecture.axes_dims_rope is None:
         raise CheckpointError(f"{dit_path.name}: head size {architecture.head_dim} is not FLUX's; put a "
                               f"diffusers-style {sidecar.name} with 'axes_dims_rope' beside it")
-    with weights_must_fit(dit_path.name):
-        model = flux_model_from_state_dict(dit_state_dict, architecture, model_options_for("default"))
-    if lora_path is not None:
-        if lora_family(lora_path) == "e2p":
-            raise CheckpointError(f"{Path(lora_path).name} is an Edit2Perceive (FLUX Kontext) LoRA, not FE2E's")
-        model = add_lora_patches(model, lora_path, lora_strength, architecture)
     connector_state_dict = dequantize(connector_state_dict, torch.float32)
-    arch = infer_connector_architecture(connector_state_dict, config.get("connector"))
-    return model, build_connector(connector_state_dict, arch, torch.float32, "cpu")
+    connector_architecture = infer_connector_architecture(connector_state_dict, config.get("connector"))
+    check_connector_fits(connector_architecture, architecture, dit_path.name)
+    with weights_must_fit(dit_path.name):
+        model = flux_model_from_state_dict(dit_state_dict, architecture, model_options_for(weight_dtype))
+    if lora_path is not None:
+        model = add_lora_patches(model, lora_path, lora_strength, architecture)
+    return model, build_connector(connector_state_dict, connector_architecture, torch.float32, "cpu")

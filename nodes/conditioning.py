@@ -38,16 +38,18 @@ TEXT_ENCODER_FOLDER = "text_encoders"
 
 
 def register_prompts_folder() -> None:
-    """Add ``models/e2p_prompts`` (safetensors only) to folder_paths, keeping paths extra_model_paths gave."""
+    """Add ``models/e2p_prompts`` to folder_paths, keeping paths extra_model_paths gave: Edit2Perceive's embeddings
+    (.safetensors) and FE2E's cached empty prompt (no_info.npz)."""
     default = os.path.join(folder_paths.models_dir, PROMPTS_FOLDER)
     paths, _ = folder_paths.folder_names_and_paths.get(PROMPTS_FOLDER, ([], set()))
     folder_paths.folder_names_and_paths[PROMPTS_FOLDER] = ([*paths, default] if default not in paths else paths,
-                                                           {".safetensors"})
+                                                           {".safetensors", ".npz"})
 
 
 def embeddings_choices() -> list[str]:
     files = folder_paths.get_filename_list(PROMPTS_FOLDER)
-    return [AUTO, *(name for name in files if PurePath(name).parts[0] != CLIP_CACHE_FOLDER)]
+    return [AUTO, *(name for name in files
+                    if name.endswith(".safetensors") and PurePath(name).parts[0] != CLIP_CACHE_FOLDER)]
 
 
 def load_task_embeddings(task: str, embeddings: str = AUTO, node_id: str | None = None) -> PromptEmbeddings:

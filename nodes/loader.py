@@ -37,7 +37,7 @@ from ..e2p_core.checkpoints import (
 from ..e2p_core.checkpoints.arch import FLUX_AXES_DIMS_ROPE
 from ..e2p_core.checkpoints.io import SAFETENSORS_SUFFIXES
 from ..e2p_core.errors import CheckpointError
-from ..e2p_core.weights import recorded_time_embedding
+from ..e2p_core.weights import check_dit_family, check_lora_family, recorded_time_embedding
 from .model_files import choices, full_path, is_known
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def load_e2p_model(dit_path: str | Path, weight_dtype: str = "default", lora_pat
     """
     dit_path = Path(dit_path)
     state_dict = strip_prefixes(load_state_dict(dit_path))
+    check_dit_family(state_dict, dit_path.name, "e2p")
     if sniff_dit_format(state_dict) != "bfl":  # BFL files go through untouched, fp8 scales included
         state_dict = to_bfl(state_dict)[0]
     sidecar = dit_path.with_suffix(".json")
@@ -83,6 +84,7 @@ def load_e2p_model(dit_path: str | Path, weight_dtype: str = "default", lora_pat
         model = flux_model_from_state_dict(state_dict, architecture, model_options_for(weight_dtype), metadata)
     loras = [] if lora_path is None else [(lora_path, lora_strength)]
     for path, strength in loras:
+        check_lora_family(path, "e2p")
         model = add_lora_patches(model, path, strength, architecture)
     variant = recorded_time_embedding(loras, metadata)
     if variant is not None:

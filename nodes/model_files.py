@@ -37,22 +37,23 @@ def download_label(file: ModelFile) -> str:
     return f"{file.name} (download {file.size_text})"
 
 
-def choices(folder: str, local: list[str] | None = None) -> list[str]:
-    """The picker's list: the files in ``folder``, then the table's files for it that are not on disk yet."""
+def choices(folder: str, local: list[str] | None = None, family: str = "e2p") -> list[str]:
+    """The picker's list: the files in ``folder``, then the table's files of the model ``family`` for it that are
+    not on disk yet."""
     local = folder_paths.get_filename_list(folder) if local is None else local
     extra = []
-    for file in _table_files(folder):
+    for file in _table_files(folder, family):
         if file.name not in local:
             extra.append(file.name if find_local(file, comfy_store()) else download_label(file))
     return [*local, *extra]
 
 
-def is_known(folder: str, choice: str) -> bool:
+def is_known(folder: str, choice: str, family: str = "e2p") -> bool:
     """A local file of ``folder`` or a table file (plain name or download label): what a loader accepts."""
-    return choice in folder_paths.get_filename_list(folder) or _table_file(folder, choice) is not None
+    return choice in folder_paths.get_filename_list(folder) or _table_file(folder, choice, family) is not None
 
 
-def full_path(folder: str, choice: str, node_id: str | None = None) -> str:
+def full_path(folder: str, choice: str, node_id: str | None = None, family: str = "e2p") -> str:
     """The local path of the picked file, downloading a table file that is not on disk yet.
 
     The download drives a ComfyUI progress bar (bytes) and stops at Cancel; what arrived is kept and the next run
@@ -61,17 +62,17 @@ def full_path(folder: str, choice: str, node_id: str | None = None) -> str:
     local = folder_paths.get_full_path(folder, choice)
     if local is not None:
         return local
-    file = _table_file(folder, choice)
+    file = _table_file(folder, choice, family)
     if file is None:
         return folder_paths.get_full_path_or_raise(folder, choice)  # ComfyUI's own "not found" error
     return str(resolve(file, comfy_store(download_progress(file.approx_bytes, node_id))))
 
 
-def _table_files(folder: str) -> list[ModelFile]:
-    # The nodes run Edit2Perceive; FE2E's files (CLI only so far) would be wrong choices in their pickers.
+def _table_files(folder: str, family: str) -> list[ModelFile]:
+    # Each family's loaders list its own files only: the other family's would be wrong choices there.
     return [file for file in MODEL_FILES.values()
-            if file.folder == folder and file.name.endswith(".safetensors") and file.family == "e2p"]
+            if file.folder == folder and file.name.endswith(".safetensors") and file.family == family]
 
 
-def _table_file(folder: str, choice: str) -> ModelFile | None:
-    return next((file for file in _table_files(folder) if choice in (file.name, download_label(file))), None)
+def _table_file(folder: str, choice: str, family: str) -> ModelFile | None:
+    return next((file for file in _table_files(folder, family) if choice in (file.name, download_label(file))), None)

@@ -2,7 +2,8 @@
 
 The tiny Step1X-Edit checkpoint (hidden 64) is split into ComfyUI's Flux MODEL (the LoRA as patches) and the
 connector; the tiny VAE is a real ``comfy.sd.VAE``. float32 on CPU: the paths differ in summation order only
-(atol 1e-5; unit normals 1e-4 as in the fixture README). Not yet covered: a 3072-wide test DiT and FE2E nodes.
+(atol 1e-5; unit normals 1e-4 as in the fixture README). The nodes over this backend, on a 3072-wide test DiT:
+tests/test_nodes_fe2e.py.
 """
 
 import json

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from e2p_core.checkpoints import diffusers_to_bfl, save_safetensors_atomic, vae_diffusers_to_bfl
+from e2p_core.checkpoints.io import write_atomically
 from e2p_core.prompts import PromptEmbeddings, save_prompt_embeddings
 from e2p_core.tasks import TASKS
 
@@ -63,6 +64,61 @@ def write_test_dit(path: Path, dtype: torch.dtype = torch.bfloat16) -> None:
         layout = diffusers_to_bfl(FluxTransformer2DModel(**TEST_DIT_CONFIG).state_dict())
     state_dict = {name: _seeded_tensor(name, tensor.shape, dtype) for name, tensor in sorted(layout.items())}
     save_safetensors_atomic(state_dict, path)
+
+
+# FE2E's test DiT: the same DiT without the guidance embedder (Step1X-Edit has none) plus a one-block connector from a
+# 64-wide stand-in for Qwen2.5-VL (real: 3584) to the DiT's text width; ComfyUI detects it as a guidance-free Flux.
+TEST_FE2E_DIT_CONFIG = {**TEST_DIT_CONFIG, "guidance_embeds": False}
+TEST_QWEN_WIDTH = 64
+TEST_PROMPT_CACHE_ROWS = 12  # the last 4 are padding (FE2E's cache pads too, and every row enters the DiT)
+
+
+def write_test_fe2e_dit(path: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """The FE2E test checkpoint as Step1X-Edit ships it: the DiT in BFL naming plus ``connector.*``, atomically."""
+    from diffusers import FluxTransformer2DModel
+
+    from e2p_core.connector import CONNECTOR_PREFIX, ConnectorArchitecture, Qwen2Connector
+
+    architecture = ConnectorArchitecture(
+        in_channels=TEST_QWEN_WIDTH, hidden_size=TEST_DIT_CONFIG["joint_attention_dim"], num_attention_heads=1,
+        depth=1, mlp_ratio=4.0, pooled_dim=TEST_DIT_CONFIG["pooled_projection_dim"])
+    with torch.device("meta"):
+        layout = diffusers_to_bfl(FluxTransformer2DModel(**TEST_FE2E_DIT_CONFIG).state_dict())
+        layout.update({CONNECTOR_PREFIX + name: tensor for name, tensor in
+                       Qwen2Connector(architecture).state_dict().items()})
+    state_dict = {name: _seeded_tensor(name, tensor.shape, dtype) for name, tensor in sorted(layout.items())}
+    save_safetensors_atomic(state_dict, path)
+
+
+def write_test_fe2e_lora(path: Path, rank: int = 4) -> None:
+    """A kohya LoRA for the FE2E test DiT written the way FE2E's is (float alpha = rank / 2, so the engine and the
+    loaders recognise it as FE2E's) on three of its layers; seeded, float32, atomically."""
+    width = TEST_DIT_CONFIG["num_attention_heads"] * TEST_DIT_CONFIG["attention_head_dim"]
+    layers = {"double_blocks_0_img_attn_qkv": (3 * width, width), "double_blocks_0_txt_mlp_0": (4 * width, width),
+              "single_blocks_0_linear2": (width, 5 * width)}
+    state_dict = {}
+    for layer, (out_features, in_features) in layers.items():
+        name = f"lora_unet_{layer}"
+        state_dict[f"{name}.lora_down.weight"] = _seeded_tensor(f"{name}.down", (rank, in_features), torch.float32)
+        state_dict[f"{name}.lora_up.weight"] = _seeded_tensor(f"{name}.up", (out_features, rank), torch.float32)
+        state_dict[f"{name}.alpha"] = torch.tensor(rank / 2)
+    save_safetensors_atomic(state_dict, path)
+
+
+def write_test_prompt_cache(path: Path) -> None:
+    """A ``no_info.npz`` stand-in: seeded ``embeds`` [L,64] float32 and ``masks`` [L] int64 with padding rows."""
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    embeds = generator.standard_normal((TEST_PROMPT_CACHE_ROWS, TEST_QWEN_WIDTH)).astype(np.float32)
+    masks = (np.arange(TEST_PROMPT_CACHE_ROWS) < TEST_PROMPT_CACHE_ROWS - 4).astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str) -> None:
+        with open(name, "wb") as handle:  # a file object: np.savez would append .npz to a name
+            np.savez(handle, embeds=embeds, masks=masks)
+
+    write_atomically(path, write)
 
 
 def write_test_vae(path: Path) -> None:
