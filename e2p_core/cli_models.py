@@ -9,6 +9,7 @@ import torch
 
 from .backends.base import Denoiser, LatentCodec
 from .backends.memory import MEMORY_MODES
+from .checkpoints.io import SAFETENSORS_SUFFIXES
 from .errors import InputError
 from .hub.command import add_source_arguments, fill_model_paths, store_from_args
 from .prompts import PromptEmbeddings, cached_prompt_embeddings, load_prompt_embeddings
@@ -111,10 +112,15 @@ def load_model(
 
     fill_model_paths(args)
     loras = [lora_arg(spec) for spec in args.lora]
-    if Path(args.dit).suffix.lower() == ".gguf":  # city96 / ComfyUI-GGUF: quantised weights, see backends.gguf
+    suffix = Path(args.dit).suffix.lower()
+    if suffix == ".gguf":  # city96 / ComfyUI-GGUF: quantised weights, see backends.gguf
         from .backends.gguf import load_gguf_dit
 
         dit = load_gguf_dit(args.dit, args.dit_config, loras)
+    elif args.memory_mode == "gguf" and suffix in SAFETENSORS_SUFFIXES:  # quantised as it is read: no float model
+        from .backends.gguf import quantize_dit_file
+
+        dit = quantize_dit_file(args.dit, args.dit_config, loras, device)
     else:
         dit = load_dit(args.dit, args.dit_config, loras)
     vae = load_vae(args.vae, args.vae_config)

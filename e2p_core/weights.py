@@ -26,7 +26,7 @@ from .checkpoints import (
     load_diffusers_folder,
     load_lora_file,
     load_state_dict,
-    merge_lora,
+    merge_lora_in_place,
     read_metadata,
     strip_prefixes,
     to_bfl,
@@ -79,7 +79,9 @@ def load_dit(
     check_dit_family(strip_prefixes(state_dict), path.name, "e2p")
     state_dict_bfl, source_format = to_bfl(dequantize(state_dict, fp8_dtype))
     architecture = infer_dit_architecture(state_dict_bfl, config)
-    state_dict_bfl = merge_loras(state_dict_bfl, loras, architecture.mlp_ratio, family="e2p")
+    # The state dict is ours alone: merging in place keeps one copy of the model (for a safetensors file, the merged
+    # layers' pages of its private mapping), not the file's pages plus a merged copy.
+    merge_loras_in_place(state_dict_bfl, loras, architecture.mlp_ratio, family="e2p")
     return DiTWeights(state_dict_bfl, architecture, source_format, recorded_time_embedding(loras, metadata))
 
 
@@ -114,14 +116,14 @@ def check_dit_family(state_dict: dict[str, torch.Tensor], name: str, family: str
         raise CheckpointError(f"{name} has a guidance embedder; Step1X-Edit has none (is it a FLUX DiT?)")
 
 
-def merge_loras(state_dict_bfl: dict[str, torch.Tensor], loras: list[tuple[str | Path, float]], mlp_ratio: float,
-                family: str) -> dict[str, torch.Tensor]:
-    """Merge the (path, strength) LoRAs into a BFL state dict of the ``family`` model, refusing the other family's."""
+def merge_loras_in_place(state_dict_bfl: dict[str, torch.Tensor], loras: list[tuple[str | Path, float]],
+                         mlp_ratio: float, family: str) -> None:
+    """Merge the (path, strength) LoRAs into the weights of a BFL state dict of the ``family`` model, refusing the
+    other family's; in place (``checkpoints.merge_lora_in_place``), so only for a state dict the caller owns."""
     for lora_path, strength in loras:
         check_lora_family(lora_path, family)
         lora = load_lora_file(lora_path, mlp_ratio)
-        state_dict_bfl = merge_lora(state_dict_bfl, lora, strength, source=Path(lora_path).name)
-    return state_dict_bfl
+        merge_lora_in_place(state_dict_bfl, lora, strength, source=Path(lora_path).name)
 
 
 def recorded_time_embedding(
@@ -186,7 +188,7 @@ def load_step1x(
     if dtype is not None:
         state_dict_bfl = {key: value.to(dtype) for key, value in state_dict_bfl.items()}
     architecture = infer_dit_architecture(state_dict_bfl, config)
-    state_dict_bfl = merge_loras(state_dict_bfl, loras, architecture.mlp_ratio, family="fe2e")
+    merge_loras_in_place(state_dict_bfl, loras, architecture.mlp_ratio, family="fe2e")
     connector_state_dict = dequantize(connector_state_dict, dtype or torch.bfloat16)
     connector_architecture = infer_connector_architecture(connector_state_dict, config.get("connector"))
     check_connector_fits(connector_architecture, architecture, path.name)

@@ -11,6 +11,8 @@ adaLN halves) is a selection of whole rows: ``bfl_to_diffusers_quantized`` runs 
 ``e2p_core.checkpoints`` on row-index stand-ins and then picks the same rows of the raw bytes, so nothing is
 dequantised. Task LoRAs are merged per Linear: dequantise, add ``scale * up @ down``, quantise again to the same
 type (or Q8_0 when gguf-py cannot write that type), one layer at a time so host memory stays near the file size.
+Any other DiT file is quantised to Q8_0 on load, also one layer at a time (``quantize_dit_file``): host memory
+holds the quantised model, never the float one.
 
 Needs ``pip install gguf`` (diffusers' GGUF support reads and dequantises with it).
 """
@@ -31,15 +33,17 @@ from diffusers.quantizers.gguf.utils import (
 
 from ..checkpoints import (
     bfl_to_diffusers,
+    check_lora_fits,
     infer_dit_architecture,
     load_config_json,
     load_lora_file,
-    merge_lora,
+    merge_lora_in_place,
     sniff_dit_format,
 )
 from ..checkpoints.sniff import strip_prefixes
+from ..checkpoints.streaming import StreamedDiT
 from ..errors import CheckpointError
-from ..weights import DiTWeights, recorded_time_embedding
+from ..weights import DiTWeights, check_lora_family, recorded_time_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +69,18 @@ def logical_shape(tensor: torch.Tensor) -> tuple[int, ...]:
 
 
 def read_gguf(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a GGUF file: quantised ones as ``GGUFParameter``, F32/F16/BF16 ones as plain tensors."""
+    """All tensors of a GGUF file: quantised ones as ``GGUFParameter``, F32/F16/BF16 ones as plain tensors.
+
+    Each tensor is read into new memory with a plain file read, not copied out of the reader's memory map: copying
+    from the map would keep every page of the file resident beside the copies until the map closes.
+    """
     try:
         reader = gguf.GGUFReader(path)
-        # A copy of each tensor: the reader's arrays are read-only views of a mmap.
-        entries = [(tensor.name, tensor.tensor_type, torch.from_numpy(np.array(tensor.data)))
-                   for tensor in reader.tensors]
+        with open(path, "rb") as handle:
+            entries = [(tensor.name, tensor.tensor_type, _read_bytes(handle, tensor, path))
+                       for tensor in reader.tensors]
+    except CheckpointError:
+        raise
     except Exception as exc:  # gguf-py's parser fails on a damaged file with whatever error it meets first
         raise CheckpointError(f"{path} is not a readable GGUF file (truncated or damaged?): "
                               f"{type(exc).__name__}: {str(exc)[:200]}") from exc
@@ -85,6 +95,16 @@ def read_gguf(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: tensor {name} has GGUF type {kind.name}, which cannot be "
                                   f"dequantised here; supported: {supported}")
     return tensors
+
+
+def _read_bytes(handle, tensor: "gguf.ReaderTensor", path: str | Path) -> torch.Tensor:
+    """The bytes of ``tensor`` as a new tensor of the numpy dtype and shape the reader gives it."""
+    mapped = tensor.data  # a view of the reader's map: only its dtype and shape are used, no page is touched
+    data = torch.empty(mapped.shape, dtype=torch.from_numpy(np.empty(0, mapped.dtype)).dtype)
+    handle.seek(tensor.data_offset)
+    if handle.readinto(data.view(-1).view(torch.uint8).numpy()) != tensor.n_bytes or tensor.n_bytes != mapped.nbytes:
+        raise CheckpointError(f"{path} is truncated: tensor {tensor.name} is cut short")
+    return data
 
 
 def load_gguf_dit(path: str | Path, config: str | Path | dict[str, Any] | None = None,
@@ -104,21 +124,55 @@ def load_gguf_dit(path: str | Path, config: str | Path | dict[str, Any] | None =
                               f"(as city96 / ComfyUI-GGUF write them)")
     architecture = infer_dit_architecture(shapes, config)
     for lora_path, strength in loras:
-        state_dict = merge_lora_requantized(state_dict, load_lora_file(lora_path, architecture.mlp_ratio), strength)
+        merge_lora_requantized(state_dict, load_lora_file(lora_path, architecture.mlp_ratio), strength,
+                               Path(lora_path).name)
     return DiTWeights(state_dict, architecture, "bfl", recorded_time_embedding(loras))
 
 
-def merge_lora_requantized(state_dict_bfl: dict[str, torch.Tensor], lora: dict, strength: float = 1.0
-                           ) -> dict[str, torch.Tensor]:
-    """``checkpoints.merge_lora`` for a state dict with quantised weights, one Linear at a time."""
-    out = dict(state_dict_bfl)
+def quantize_dit_file(path: str | Path, config: str | Path | dict[str, Any] | None = None,
+                      loras: list[tuple[str | Path, float]] = (), device: torch.device | str = "cpu",
+                      quant_type: gguf.GGMLQuantizationType = DEFAULT_QUANT_TYPE) -> DiTWeights:
+    """A safetensors DiT (any naming, fp8 included) -> :class:`DiTWeights` quantised as :func:`quantize_state_dict`
+    does on ``device``, LoRAs merged: the same numbers as ``load_dit`` then ``quantize_state_dict``.
+
+    One layer at a time: each float weight is read from the file (``checkpoints.streaming``), merged, quantised and
+    dropped before the next, so host memory holds the quantised model and one layer, never the float model, and no
+    mapping of the file outlives the call.
+    """
+    config = load_config_json(config) if isinstance(config, (str, Path)) else config
+    dit_file = StreamedDiT(path)
+    architecture = infer_dit_architecture(dit_file.shapes, config)
+    merges = []
+    for lora_path, strength in loras:
+        check_lora_family(lora_path, "e2p")
+        lora = load_lora_file(lora_path, architecture.mlp_ratio)
+        check_lora_fits(lora, dit_file.shapes, Path(lora_path).name)
+        merges.append((lora, strength))
+    block_size = gguf.GGML_QUANT_SIZES[quant_type][0]
+    state_dict: dict[str, torch.Tensor] = {}
+    for key in dit_file.shapes:
+        layer = {key: dit_file.read(key)}
+        module = key.removesuffix(".weight")
+        for lora, strength in merges:
+            if module in lora:
+                merge_lora_in_place(layer, {module: lora[module]}, strength)
+        state_dict[key] = _quantized_or_copied(key, layer.pop(key), device, quant_type, block_size)
+    return DiTWeights(state_dict, architecture, dit_file.source_format,
+                      recorded_time_embedding(loras, dit_file.metadata))
+
+
+def merge_lora_requantized(state_dict_bfl: dict[str, torch.Tensor], lora: dict, strength: float = 1.0,
+                           source: str = "the LoRA") -> None:
+    """``checkpoints.merge_lora_in_place`` for a state dict with quantised weights, one Linear at a time: each
+    merged weight is quantised again and replaces its entry, so the old one is freed before the next is made."""
+    check_lora_fits(lora, {key: logical_shape(value) for key, value in state_dict_bfl.items()}, source)
     for module, pair in lora.items():
         key = f"{module}.weight"
-        weight = state_dict_bfl.get(key)
-        dense = {} if weight is None else {key: dequantize_gguf_tensor(weight).float()}
-        merged = merge_lora(dense, {module: pair}, strength)[key]  # raises for modules the base does not have
-        out[key] = quantize(merged, weight.quant_type) if is_quantized(weight) else merged.to(weight.dtype)
-    return out
+        weight = state_dict_bfl[key]
+        dense = {key: dequantize_gguf_tensor(weight).float()}
+        merge_lora_in_place(dense, {module: pair}, strength, source)
+        merged = dense.pop(key)
+        state_dict_bfl[key] = quantize(merged, weight.quant_type) if is_quantized(weight) else merged.to(weight.dtype)
 
 
 def quantize(weight: torch.Tensor, quant_type: gguf.GGMLQuantizationType = DEFAULT_QUANT_TYPE) -> GGUFParameter:
@@ -137,7 +191,7 @@ def quantize_state_dict(state_dict_bfl: dict[str, torch.Tensor], device: torch.d
     """Quantise every Linear weight whose rows split into whole blocks, on ``device`` (where the result stays);
     biases and norms stay as they are."""
     block_size = gguf.GGML_QUANT_SIZES[quant_type][0]
-    return {key: quantize(value.to(device), quant_type) if _is_linear_weight(key, value, block_size) else value
+    return {key: _quantized_or_copied(key, value, device, quant_type, block_size)
             for key, value in state_dict_bfl.items()}
 
 
@@ -220,6 +274,15 @@ def _quantize_q8_0_rows(weight: torch.Tensor) -> torch.Tensor:
     rounded = scaled.sign() * (whole + (2 * (magnitude - whole)).floor())  # gguf-py's np_roundf
     packed = torch.cat([scale.to(torch.float16).view(torch.uint8), rounded.to(torch.int8).view(torch.uint8)], dim=-1)
     return packed.reshape(weight.shape[0], -1)
+
+
+def _quantized_or_copied(key: str, value: torch.Tensor, device: torch.device | str,
+                         quant_type: gguf.GGMLQuantizationType, block_size: int) -> torch.Tensor:
+    """A Linear weight quantised on ``device``; anything else (biases, norms) copied, so that nothing of the
+    quantised model keeps the source file's memory mapping alive."""
+    if _is_linear_weight(key, value, block_size):
+        return quantize(value.to(device), quant_type)
+    return value.clone()
 
 
 def _is_linear_weight(key: str, value: torch.Tensor, block_size: int) -> bool:

@@ -59,3 +59,14 @@ def place_transformer(transformer: torch.nn.Module, mode: MemoryMode, compute_dt
                                use_stream=device.type == "cuda")
     else:
         transformer.to(device)
+    if mode == "fp8":
+        _copy_host_weights_kept_in_compute_dtype(transformer)
+
+
+def _copy_host_weights_kept_in_compute_dtype(transformer: torch.nn.Module) -> None:
+    """Give the weights that fp8 storage leaves in the compute dtype (norms, modulation, biases) their own memory
+    when they stay on the host: adopted as they were, they would keep the whole checkpoint file mapped (and its
+    pages resident) for as long as the model lives, though the fp8 copies replaced nearly all of it."""
+    for tensor in [*transformer.parameters(), *transformer.buffers()]:
+        if tensor.device.type == "cpu" and tensor.dtype != FP8_STORAGE_DTYPE:
+            tensor.data = tensor.data.clone()

@@ -31,6 +31,7 @@ from .lora import (
     lora_to_diffusers_peft,
     lora_to_kohya,
     merge_lora,
+    merge_lora_in_place,
 )
 from .sniff import sniff_dit_format, sniff_lora_format, strip_prefixes
 from .vae_keys import sniff_vae_format, vae_bfl_to_diffusers, vae_diffusers_to_bfl, vae_to_diffusers
@@ -40,7 +41,8 @@ __all__ = [
     "convert_dit",
     "dequantize", "diffsynth_to_bfl", "diffusers_to_bfl", "infer_dit_architecture", "infer_vae_architecture",
     "load_config_json", "load_diffusers_folder", "load_lora", "load_lora_file", "load_state_dict",
-    "lora_to_diffsynth_peft", "lora_to_diffusers_peft", "lora_to_kohya", "merge_lora", "read_metadata",
+    "lora_to_diffsynth_peft", "lora_to_diffusers_peft", "lora_to_kohya", "merge_lora", "merge_lora_in_place",
+    "read_metadata",
     "save_safetensors_atomic", "sniff_dit_format", "sniff_lora_format", "sniff_vae_format", "stage_file",
     "strip_prefixes", "weights_must_fit", "write_atomically",
     "to_bfl", "vae_bfl_to_diffusers", "vae_diffusers_to_bfl", "vae_to_diffusers",

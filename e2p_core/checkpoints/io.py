@@ -15,7 +15,7 @@ import struct
 import tempfile
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -179,7 +179,7 @@ def load_diffusers_folder(
 
 def has_fp8_scales(sd: dict[str, torch.Tensor]) -> bool:
     """True when ``sd`` is a ComfyUI "scaled fp8" checkpoint that needs ``dequantize`` before use."""
-    return any(key.endswith(FP8_SCALE_SUFFIXES) or FP8_DROPPED_KEY.search(key) for key in sd)
+    return any(is_fp8_side_key(key) for key in sd)
 
 
 def dequantize(sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
@@ -188,25 +188,33 @@ def dequantize(sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16)
     ``<layer>.scale_weight`` / ``<layer>.weight_scale`` multiply ``<layer>.weight``; the ``scaled_fp8`` marker and
     activation ``input_scale`` keys are dropped (they only matter to fp8 matmul kernels).
     """
-    scales: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        for suffix in FP8_SCALE_SUFFIXES:
-            if key.endswith(suffix):
-                scales[key[: -len(suffix)] + ".weight"] = value
-    orphans = [key for key in scales if key not in sd]
+    scale_keys = fp8_scale_keys(sd)
+    return {key: dequantize_tensor(key, value, sd[scale_keys[key]] if key in scale_keys else None, dtype)
+            for key, value in sd.items() if not is_fp8_side_key(key)}
+
+
+def fp8_scale_keys(keys: Iterable[str]) -> dict[str, str]:
+    """Weight key -> the key of its scaled-fp8 scale, for the weights that have one."""
+    keys = set(keys)
+    scale_keys = {key[: -len(suffix)] + ".weight": key
+                  for key in keys for suffix in FP8_SCALE_SUFFIXES if key.endswith(suffix)}
+    orphans = sorted(weight for weight in scale_keys if weight not in keys)
     if orphans:
         raise CheckpointError(f"fp8 scales without a weight: {orphans[:3]}")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.endswith(FP8_SCALE_SUFFIXES) or FP8_DROPPED_KEY.search(key):
-            continue
-        if key in scales:
-            out[key] = (value.to(torch.float32) * _broadcast_scale(key, scales[key], value)).to(dtype)
-        elif value.dtype in FP8_DTYPES:
-            out[key] = value.to(dtype)
-        else:
-            out[key] = value
-    return out
+    return scale_keys
+
+
+def is_fp8_side_key(key: str) -> bool:
+    """A scale, marker or activation-scale key of a scaled-fp8 file: not a weight of the model."""
+    return key.endswith(FP8_SCALE_SUFFIXES) or FP8_DROPPED_KEY.search(key) is not None
+
+
+def dequantize_tensor(key: str, value: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of :func:`dequantize`: ``value * scale`` in float32 then ``dtype`` when it has a scale, fp8 upcast
+    to ``dtype``, anything else as it is."""
+    if scale is not None:
+        return (value.to(torch.float32) * _broadcast_scale(key, scale, value)).to(dtype)
+    return value.to(dtype) if value.dtype in FP8_DTYPES else value
 
 
 def _broadcast_scale(key: str, scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,8 @@ DIFFUSERS_LORA_PREFIX = "transformer."  # how diffusers pipelines save transform
 _KOHYA_KEY = re.compile(r"^(?P<module>lora_unet_\w+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_(?:A|B|down|up)(?:\.(?P<adapter>[^.]+))?\.weight|alpha)$")
 _KOHYA_BLOCK = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_")
+# Rows of a weight updated per step of an in-place merge: bounds the float32 copy of the weight to rows x in.
+MERGE_ROWS_PER_SLICE = 1024
 _PEFT_STYLE_NAMING: dict[str, DiTFormat] = {"bfl_peft": "bfl", "diffsynth_peft": "diffsynth",
                                             "diffusers_peft": "diffusers"}
 
@@ -99,13 +101,34 @@ def check_lora_fits(lora: dict[str, LoraPair], weight_shapes: Mapping[str, Seque
 
 def merge_lora(sd_bfl: dict[str, torch.Tensor], lora: dict[str, LoraPair], strength: float = 1.0,
                source: str = "the LoRA") -> dict[str, torch.Tensor]:
-    """Return a copy of ``sd_bfl`` with ``W += strength * scale * up @ down`` (float32 math, W's dtype kept)."""
+    """Return a copy of ``sd_bfl`` with ``W += strength * scale * up @ down`` (float32 math, W's dtype kept).
+
+    The weights the LoRA touches are copied; use :func:`merge_lora_in_place` on a state dict nobody else holds.
+    """
     check_lora_fits(lora, sd_bfl, source)
     out = dict(sd_bfl)
-    for module, pair in lora.items():
-        key = f"{module}.weight"
-        out[key] = (sd_bfl[key].to(torch.float32) + strength * pair.delta()).to(sd_bfl[key].dtype)
+    for module in lora:
+        out[f"{module}.weight"] = sd_bfl[f"{module}.weight"].clone()
+    merge_lora_in_place(out, lora, strength, source)
     return out
+
+
+def merge_lora_in_place(sd_bfl: dict[str, torch.Tensor], lora: dict[str, LoraPair], strength: float = 1.0,
+                        source: str = "the LoRA") -> None:
+    """``W += strength * scale * up @ down`` written into the weight tensors of ``sd_bfl`` themselves.
+
+    The same numbers as :func:`merge_lora` (float32 math, W's dtype kept). The update is computed per layer (one
+    float32 layer at a time) and added in slices of ``MERGE_ROWS_PER_SLICE`` rows, so a whole model is merged
+    without a second copy of it. Only for a state dict the caller owns, whose weights share no memory with each
+    other: a safetensors file read with ``load_state_dict`` is a private (copy-on-write) mapping, so the file on disk
+    is never changed.
+    """
+    check_lora_fits(lora, sd_bfl, source)
+    for module, pair in lora.items():
+        weight = sd_bfl[f"{module}.weight"]
+        update = pair.delta().mul_(strength)  # the whole product at once: its sums must not depend on slicing
+        for rows, update_rows in zip(weight.split(MERGE_ROWS_PER_SLICE), update.split(MERGE_ROWS_PER_SLICE)):
+            rows.copy_((rows.to(torch.float32) + update_rows).to(rows.dtype))
 
 
 def lora_to_kohya(lora: dict[str, LoraPair]) -> dict[str, torch.Tensor]:
