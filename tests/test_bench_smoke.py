@@ -72,3 +72,15 @@ def test_speed_options_stay_close_to_the_eager_path():
                 assert codec.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
             outputs.append(perceive(denoiser, codec, image, "depth", prompt.to("cpu", dtype), resolution=64).output)
         assert (outputs[0] - outputs[1]).abs().max() <= atol
+
+
+def test_host_memory_bench_measures_each_path_in_its_own_process(tmp_path):
+    stdout = run_script("bench/host_memory.py", "--small", "--workdir", str(tmp_path), "--paths", "cli-lora",
+                        "cli-gguf")
+    rows = {row[0]: row for row in table_rows(stdout)}
+    assert set(rows) == {"CLI, BFL file + LoRA, full", "CLI, BFL file + LoRA, memory mode gguf (Q8_0 on load)"}
+    for row in rows.values():
+        assert row[1] == "dit_384_1_1.safetensors" and all(float(cell) > 0 for cell in (*row[2:5], row[9]))
+    # full mode adopts the file's mapped pages; the GGUF mode quantises from plain reads and keeps no mapping
+    assert rows["CLI, BFL file + LoRA, full"][7] == "yes"
+    assert rows["CLI, BFL file + LoRA, memory mode gguf (Q8_0 on load)"][7] == "no"
