@@ -307,7 +307,7 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--child", json.dumps(files), path_name],
                               capture_output=True, text=True)
         if done.returncode:
-            raise SystemExit(f"{path_name} failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"{path_name} failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
         file_mib = row["file_bytes"] / 2**20
         peak = (row["peak_mib"] - row["imports_mib"]) / file_mib

@@ -173,3 +173,22 @@ def test_a_gguf_file_is_read_without_keeping_its_mapping(tmp_path):
     loaded = load_gguf_dit(path, TINY_DIT_CONFIG, loras=[(LORA, 1.0)])
     gc.collect()
     assert mapped_ranges(path) == [] and loaded.state_dict_bfl
+
+
+def test_requantising_merge_slices_rows_without_changing_a_byte(tmp_path, monkeypatch):
+    """The ``.gguf`` + LoRA merge dequantises, adds and quantises slices of rows (host memory: one slice, not one
+    float32 layer); the bytes equal the merge of whole layers."""
+    import e2p_core.backends.gguf as gguf_backend
+    from test_memory_modes import write_gguf
+
+    path = tmp_path / "tiny_Q8_0.gguf"
+    write_gguf(path, load_state_dict(FIXTURES / "dit_bfl.safetensors"))
+    merged = {}
+    for rows_per_slice in (10_000, 7):
+        monkeypatch.setattr(gguf_backend, "MERGE_ROWS_PER_SLICE", rows_per_slice)
+        merged[rows_per_slice] = load_gguf_dit(path, TINY_DIT_CONFIG, loras=[(LORA, 0.7)]).state_dict_bfl
+    lora = load_lora_file(LORA)
+    for module in lora:
+        whole, sliced = merged[10_000][f"{module}.weight"], merged[7][f"{module}.weight"]
+        assert sliced.quant_type == whole.quant_type and torch.equal(sliced.as_tensor(), whole.as_tensor()), module
+        assert whole.shape[0] > 7

@@ -40,6 +40,7 @@ from ..checkpoints import (
     merge_lora_in_place,
     sniff_dit_format,
 )
+from ..checkpoints.lora import MERGE_ROWS_PER_SLICE, lora_update
 from ..checkpoints.sniff import strip_prefixes
 from ..checkpoints.streaming import StreamedDiT
 from ..errors import CheckpointError
@@ -163,27 +164,39 @@ def quantize_dit_file(path: str | Path, config: str | Path | dict[str, Any] | No
 
 def merge_lora_requantized(state_dict_bfl: dict[str, torch.Tensor], lora: dict, strength: float = 1.0,
                            source: str = "the LoRA") -> None:
-    """``checkpoints.merge_lora_in_place`` for a state dict with quantised weights, one Linear at a time: each
-    merged weight is quantised again and replaces its entry, so the old one is freed before the next is made."""
+    """``checkpoints.merge_lora_in_place`` for a state dict with quantised weights, one Linear at a time, each in
+    slices of rows: dequantise, add the update, quantise again to the same type (rows are quantised independently,
+    so slicing changes no byte). Each merged weight replaces its entry, freeing the old one before the next."""
     check_lora_fits(lora, {key: logical_shape(value) for key, value in state_dict_bfl.items()}, source)
     for module, pair in lora.items():
         key = f"{module}.weight"
         weight = state_dict_bfl[key]
-        dense = {key: dequantize_gguf_tensor(weight).float()}
-        merge_lora_in_place(dense, {module: pair}, strength, source)
-        merged = dense.pop(key)
-        state_dict_bfl[key] = quantize(merged, weight.quant_type) if is_quantized(weight) else merged.to(weight.dtype)
+        if not is_quantized(weight):
+            dense = {key: weight.float()}
+            merge_lora_in_place(dense, {module: pair}, strength, source)
+            state_dict_bfl[key] = dense.pop(key).to(weight.dtype)
+            continue
+        update = lora_update(pair, strength)
+        merged = [quantize(dequantize_gguf_tensor(GGUFParameter(raw_rows, quant_type=weight.quant_type)).float()
+                           + update_rows, weight.quant_type).as_tensor()
+                  for raw_rows, update_rows in zip(weight.as_tensor().split(MERGE_ROWS_PER_SLICE),
+                                                   update.split(MERGE_ROWS_PER_SLICE))]
+        state_dict_bfl[key] = GGUFParameter(torch.cat(merged), quant_type=writable_quant_type(weight.quant_type))
 
 
 def quantize(weight: torch.Tensor, quant_type: gguf.GGMLQuantizationType = DEFAULT_QUANT_TYPE) -> GGUFParameter:
     """[out, in] float weight -> GGUF blocks of ``quant_type`` (Q8_0 when gguf-py cannot write that type), on the
     weight's device. Q8_0 is computed in torch (fast, on GPU too), the others with gguf-py's numpy quantisers."""
-    if quant_type not in WRITABLE_TYPES:
-        quant_type = DEFAULT_QUANT_TYPE
+    quant_type = writable_quant_type(quant_type)
     if quant_type == gguf.GGMLQuantizationType.Q8_0:
         return GGUFParameter(_quantize_q8_0(weight.detach()), quant_type=quant_type)
     blocks = gguf.quants.quantize(weight.detach().float().cpu().numpy(), quant_type)
     return GGUFParameter(torch.from_numpy(blocks).to(weight.device), quant_type=quant_type)
+
+
+def writable_quant_type(quant_type: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """The type :func:`quantize` writes for ``quant_type``: itself, or Q8_0 when gguf-py cannot write it."""
+    return quant_type if quant_type in WRITABLE_TYPES else DEFAULT_QUANT_TYPE
 
 
 def quantize_state_dict(state_dict_bfl: dict[str, torch.Tensor], device: torch.device | str = "cpu",

@@ -126,9 +126,15 @@ def merge_lora_in_place(sd_bfl: dict[str, torch.Tensor], lora: dict[str, LoraPai
     check_lora_fits(lora, sd_bfl, source)
     for module, pair in lora.items():
         weight = sd_bfl[f"{module}.weight"]
-        update = pair.delta().mul_(strength)  # the whole product at once: its sums must not depend on slicing
+        update = lora_update(pair, strength)
         for rows, update_rows in zip(weight.split(MERGE_ROWS_PER_SLICE), update.split(MERGE_ROWS_PER_SLICE)):
             rows.copy_((rows.to(torch.float32) + update_rows).to(rows.dtype))
+
+
+def lora_update(pair: LoraPair, strength: float = 1.0) -> torch.Tensor:
+    """``strength * scale * up @ down`` in float32 [out, in], the product computed whole: its sums must not depend on
+    how a merge slices the weight (a product of fewer rows may take another kernel, and round differently)."""
+    return pair.delta().mul_(strength)
 
 
 def lora_to_kohya(lora: dict[str, LoraPair]) -> dict[str, torch.Tensor]:
