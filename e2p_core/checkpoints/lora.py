@@ -55,8 +55,8 @@ class LoraPair:
         return self.down.shape[0]
 
     def delta(self) -> torch.Tensor:
-        """The float32 weight update ``scale * up @ down`` [out, in]."""
-        return self.scale * (self.up.to(torch.float32) @ self.down.to(torch.float32))
+        """The float32 weight update ``scale * up @ down`` [out, in] (scaled in place: one [out, in] temporary)."""
+        return (self.up.to(torch.float32) @ self.down.to(torch.float32)).mul_(self.scale)
 
 
 def load_lora_file(path: str | os.PathLike, mlp_ratio: float = 4.0) -> dict[str, LoraPair]:
