@@ -192,8 +192,9 @@ class E2PModelLoader:
 
 
 class E2PVAELoader:
-    DESCRIPTION = ("Loads the Flux VAE (ae.safetensors) from models/vae like core 'Load VAE'; when it is not on disk "
-                   "yet, running the node fetches it from the Hugging Face hub (335 MB) into models/vae.")
+    DESCRIPTION = ("Loads the Flux VAE (ae.safetensors; for FE2E Step1X-Edit's step1x-edit-vae.safetensors) from "
+                   "models/vae like core 'Load VAE'; when it is not on disk yet, running the node fetches it from the "
+                   "Hugging Face hub (335 MB) into models/vae.")
     CATEGORY = "Edit2Perceive/loaders"
     FUNCTION = "load"
     RETURN_TYPES = ("VAE",)
@@ -203,17 +204,19 @@ class E2PVAELoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae_name": (choices("vae"), {
+            "vae_name": (choices("vae", family=None), {
                 "tooltip": "VAE file in models/vae. 'ae.safetensors (download ...)' is fetched when the node runs: "
                            "FLUX.1-schnell's copy (ungated) when the hub lists the same sha256 as Kontext's, else "
-                           "Kontext's (gated: accept its licence and set HF_TOKEN)."}),
+                           "Kontext's (gated: accept its licence and set HF_TOKEN). FE2E takes Step1X-Edit's "
+                           "'step1x-edit-vae.safetensors' (fetched from stepfun-ai/Step1X-Edit)."}),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, vae_name: str):
-        return True if is_known("vae", vae_name) else f"{vae_name!r} is neither in models/vae nor a known download"
+        known = is_known("vae", vae_name, family=None)
+        return True if known else f"{vae_name!r} is neither in models/vae nor a known download"
 
     def load(self, vae_name: str, node_id=None):
-        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(full_path("vae", vae_name, node_id)))
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(full_path("vae", vae_name, node_id, family=None)))
         vae.throw_exception_if_invalid()
         return (vae,)

@@ -37,9 +37,9 @@ def download_label(file: ModelFile) -> str:
     return f"{file.name} (download {file.size_text})"
 
 
-def choices(folder: str, local: list[str] | None = None, family: str = "e2p") -> list[str]:
-    """The picker's list: the files in ``folder``, then the table's files of the model ``family`` for it that are
-    not on disk yet."""
+def choices(folder: str, local: list[str] | None = None, family: str | None = "e2p") -> list[str]:
+    """The picker's list: the files in ``folder``, then the table's files of the model ``family`` (None: any) for it
+    that are not on disk yet."""
     local = folder_paths.get_filename_list(folder) if local is None else local
     extra = []
     for file in _table_files(folder, family):
@@ -48,12 +48,12 @@ def choices(folder: str, local: list[str] | None = None, family: str = "e2p") ->
     return [*local, *extra]
 
 
-def is_known(folder: str, choice: str, family: str = "e2p") -> bool:
+def is_known(folder: str, choice: str, family: str | None = "e2p") -> bool:
     """A local file of ``folder`` or a table file (plain name or download label): what a loader accepts."""
     return choice in folder_paths.get_filename_list(folder) or _table_file(folder, choice, family) is not None
 
 
-def full_path(folder: str, choice: str, node_id: str | None = None, family: str = "e2p") -> str:
+def full_path(folder: str, choice: str, node_id: str | None = None, family: str | None = "e2p") -> str:
     """The local path of the picked file, downloading a table file that is not on disk yet.
 
     The download drives a ComfyUI progress bar (bytes) and stops at Cancel; what arrived is kept and the next run
@@ -68,11 +68,12 @@ def full_path(folder: str, choice: str, node_id: str | None = None, family: str 
     return str(resolve(file, comfy_store(download_progress(file.approx_bytes, node_id))))
 
 
-def _table_files(folder: str, family: str) -> list[ModelFile]:
-    # Each family's loaders list its own files only: the other family's would be wrong choices there.
+def _table_files(folder: str, family: str | None) -> list[ModelFile]:
+    # Each family's loaders list its own files only: the other family's would be wrong choices there. The VAE
+    # loader serves both (family None).
     return [file for file in MODEL_FILES.values()
-            if file.folder == folder and file.name.endswith(".safetensors") and file.family == family]
+            if file.folder == folder and file.name.endswith(".safetensors") and family in (None, file.family)]
 
 
-def _table_file(folder: str, choice: str, family: str) -> ModelFile | None:
+def _table_file(folder: str, choice: str, family: str | None) -> ModelFile | None:
     return next((file for file in _table_files(folder, family) if choice in (file.name, download_label(file))), None)

@@ -98,6 +98,23 @@ def test_fe2e_nodes_are_registered():
     assert NODE_CLASS_MAPPINGS["E2PFE2EPerceive"] is FE2EPerceive
 
 
+def test_pickers_list_each_family_s_files(folders):
+    """FE2E's loader offers Step1X-Edit and FE2E's LoRA (as downloads when absent), not FLUX Kontext; the VAE loader
+    offers both families' VAEs."""
+    from e2p_pack.nodes.loader import E2PModelLoader, E2PVAELoader
+
+    fe2e_inputs = FE2EModelLoader.INPUT_TYPES()["required"]
+    models = fe2e_inputs["model_name"][0]
+    assert DIT_NAME in models and any(name.startswith("step1x-edit-i1258.safetensors (download") for name in models)
+    assert not any(name.startswith("flux1-kontext") for name in models)
+    assert fe2e_inputs["lora_name"][1]["default"].startswith("LDRN.safetensors (download")
+    assert not any(name.startswith("step1x-edit-i1258") for name in
+                   E2PModelLoader.INPUT_TYPES()["required"]["model_name"][0])
+    vaes = E2PVAELoader.INPUT_TYPES()["required"]["vae_name"][0]
+    assert any(name.startswith("step1x-edit-vae.safetensors") for name in vaes)
+    assert any(name.startswith("ae.safetensors") for name in vaes)
+
+
 def test_an_edit2perceive_dit_is_refused_as_fe2e_and_the_reverse(folders, tmp_path):
     from e2e.models import write_test_dit
 

@@ -66,6 +66,31 @@ def perceive_prompt(task: str, image: str, dit: str, vae: str, *, lora: str = "n
     return prompt
 
 
+# The FE2E graph: its own loader, conditioning and perceive; the outputs are the Edit2Perceive output nodes.
+FE2E_SAVE = {"depth": "12", "depth_hint": "10", "normal_map": "11"}
+NORMAL_OUTPUT = "9"
+
+
+def fe2e_prompt(image: str, dit: str, vae: str, lora: str, *, resolution: int = 128, prefix: str = "fe2e") -> Prompt:
+    """FE2E on one image file: depth AND normals from one E2PFE2EPerceive call, both saved."""
+    prompt: Prompt = {
+        MODEL: node("E2PFE2EModelLoader", model_name=dit, weight_dtype="default", lora_name=lora, lora_strength=1.0),
+        VAE: node("VAELoader", vae_name=vae),
+        CONDITIONING: node("E2PFE2EConditioning", connector=[MODEL, 1], prompt_cache="no_info.npz",
+                           prompt_cache_path=""),
+        IMAGE: node("LoadImage", image=image),
+        PERCEIVE: node("E2PFE2EPerceive", model=[MODEL, 0], vae=[VAE, 0], conditioning=[CONDITIONING, 0],
+                       image=[IMAGE, 0], steps=1, seed=1234, resolution_mode="longer_side", resolution=resolution,
+                       resize_mode="aligned", chunk_size=4),
+        OUTPUT: node("E2PDepthOutput", prediction=[PERCEIVE, 0], polarity="near_white", normalization="none"),
+        NORMAL_OUTPUT: node("E2PNormalOutput", prediction=[PERCEIVE, 1], convention="controlnet_bae"),
+    }
+    _save(prompt, FE2E_SAVE["depth_hint"], [OUTPUT, 0], f"{prefix}/depth_hint")
+    _save_mask(prompt, FE2E_SAVE["depth"], [OUTPUT, 1], f"{prefix}/depth")
+    _save(prompt, FE2E_SAVE["normal_map"], [NORMAL_OUTPUT, 0], f"{prefix}/normal_map")
+    return prompt
+
+
 def _save(prompt: Prompt, node_id: str, image: list, prefix: str) -> None:
     prompt[node_id] = node("SaveImage", images=image, filename_prefix=prefix)
 

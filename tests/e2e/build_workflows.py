@@ -221,11 +221,55 @@ def all_tasks_workflow() -> Workflow:
     return Workflow(nodes, links)
 
 
+def fe2e_workflow() -> Workflow:
+    """FE2E: depth AND normals from one perceive call, each through the pack's existing output node."""
+    dit, vae, lora = (MODEL_FILES[key] for key in ("fe2e_dit", "fe2e_vae", "fe2e_lora"))
+    note = (
+        "# FE2E: depth and normals from one pass\n\n"
+        f"[FE2E](https://github.com/AMAP-ML/FE2E) (Step1X-Edit + one LoRA) predicts depth AND surface normals in one "
+        "DiT call; *FE2E Perceive* returns both, and the Edit2Perceive output nodes take them unchanged.\n\n"
+        f"**Models** (ComfyUI `models/` folders): `diffusion_models/{dit.name}` (Step1X-Edit: DiT + connector; "
+        f"{dit.size_text}, or its FP8 variant), `loras/{lora.name}` (FE2E's LoRA, {lora.size_text}, "
+        f"{lora.hub.repo}), `vae/{vae.name}` (Step1X-Edit's VAE, {vae.size_text}). The loaders fetch what is "
+        "missing from the Hugging Face hub when the workflow first runs (or ahead of time: `python -m e2p_core "
+        "download --task fe2e --comfyui <ComfyUI folder>`).\n\n"
+        "**Prompt cache**: FE2E runs with an empty prompt whose Qwen2.5-VL embedding is cached: download "
+        "`latent/no_info.npz` from the FE2E GitHub repository into `models/e2p_prompts/` (or give its path in "
+        "*FE2E Conditioning*). Qwen never runs.\n\n"
+        "**Settings**: one step, seed 1234, FE2E's size buckets (e.g. up to 1024\u00d7768 is processed at "
+        "1024\u00d7768); the outputs have the input's exact size. Depth hint near = white; normals in the "
+        "ControlNet *normal_bae* convention.")
+    nodes = [
+        Node("image", "LoadImage", 0, {"image": EXAMPLE_IMAGE}, size=LOAD_IMAGE_SIZE),
+        Node("model", "E2PFE2EModelLoader", 0, {"model_name": dit.name, "weight_dtype": "default",
+                                                 "lora_name": lora.name, "lora_strength": 1.0}),
+        Node("vae", "E2PVAELoader", 0, {"vae_name": vae.name}),
+        Node("conditioning", "E2PFE2EConditioning", 1, {"prompt_cache": "no_info.npz", "prompt_cache_path": ""}),
+        Node("perceive", "E2PFE2EPerceive", 2, {"steps": 1, "seed": 1234, "resolution_mode": "buckets",
+                                                "resolution": 768, "resize_mode": "aligned", "chunk_size": 4}),
+        Node("depth", "E2PDepthOutput", 3, {"polarity": "near_white", "normalization": "none"}),
+        Node("normal", "E2PNormalOutput", 3, {"convention": "controlnet_bae"}),
+        Node("save_depth", "SaveImage", 4, {"filename_prefix": "fe2e_depth"}, title="Depth (ControlNet hint)"),
+        Node("depth_preview", "PreviewImage", 4, title="Depth (colourised)"),
+        Node("save_normal", "SaveImage", 4, {"filename_prefix": "fe2e_normal"}, title="Normals"),
+        _note(note, 5),
+    ]
+    links = [
+        ("model", 0, "perceive", "model"), ("model", 1, "conditioning", "connector"), ("vae", 0, "perceive", "vae"),
+        ("conditioning", 0, "perceive", "conditioning"), ("image", 0, "perceive", "image"),
+        ("perceive", 0, "depth", "prediction"), ("perceive", 1, "normal", "prediction"),
+        ("depth", 0, "save_depth", "images"), ("depth", 2, "depth_preview", "images"),
+        ("normal", 0, "save_normal", "images"),
+    ]
+    return Workflow(nodes, links)
+
+
 WORKFLOWS = {
     "e2p_depth_controlnet": controlnet_workflow("depth"),
     "e2p_normal_controlnet": controlnet_workflow("normal"),
     "e2p_matting_composite": matting_composite_workflow(),
     "e2p_all_tasks": all_tasks_workflow(),
+    "fe2e_depth_normal": fe2e_workflow(),
 }
 
 # In the page: create the nodes from the server's definitions, set widgets, link, lay out by column, serialise.

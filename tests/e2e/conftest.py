@@ -1,6 +1,6 @@
 """Session fixtures of the end-to-end tests: one real ComfyUI server with the pack, test weights and input images.
 
-Everything lives in one temporary base directory (models ~1.4 GB, input, output, user, the server log), created
+Everything lives in one temporary base directory (models ~2.4 GB, input, output, user, the server log), created
 once per session and deleted at its end; the server is stopped by its PID whatever happens (see comfy_server).
 """
 
@@ -24,13 +24,23 @@ from e2p_core.hub import MODEL_FILES
 from hub_support import FakeHub
 
 from .comfy_server import ComfyServer
-from .models import write_test_dit, write_test_prompt_embeddings, write_test_vae
+from .models import (
+    write_test_dit,
+    write_test_fe2e_dit,
+    write_test_fe2e_lora,
+    write_test_prompt_cache,
+    write_test_prompt_embeddings,
+    write_test_vae,
+)
 from .pictures import background, scene
 
 # File names in the server's model folders; all of them are test files built here, none is a real model.
 TEST_DIT = "e2p_test_flux_3072_1x1.safetensors"
 TEST_VAE = "e2p_test_flux_ae.safetensors"
 TEST_LORA = "e2p_test_lora_kohya.safetensors"
+TEST_FE2E_DIT = "e2p_test_step1x_3072_1x1.safetensors"  # FE2E: no guidance embedder, with a connector
+TEST_FE2E_LORA = "e2p_test_fe2e_lora_kohya.safetensors"
+TEST_PROMPT_CACHE = "no_info.npz"  # FE2E's cached empty prompt, under the name users have
 BROKEN_EMBEDDINGS = "e2p_test_broken.safetensors"  # a safetensors file without the prompt-embedding tensors
 # Input images: an odd size and aspect ratio, so any resize/pad/crop slip shows as a wrong output size.
 ODD_IMAGE = "e2p_odd_83x61.png"
@@ -86,6 +96,9 @@ def _write_models(models: Path) -> None:
     write_test_prompt_embeddings(models / "e2p_prompts")
     save_safetensors_atomic({"not_prompt_embeds": torch.zeros(1, 4)}, models / "e2p_prompts" / BROKEN_EMBEDDINGS)
     save_safetensors_atomic(lora_to_kohya(_test_lora()), models / "loras" / TEST_LORA)
+    write_test_fe2e_dit(models / "diffusion_models" / TEST_FE2E_DIT)
+    write_test_fe2e_lora(models / "loras" / TEST_FE2E_LORA)
+    write_test_prompt_cache(models / "e2p_prompts" / TEST_PROMPT_CACHE)
 
 
 def _test_lora(rank: int = 4) -> dict[str, LoraPair]:

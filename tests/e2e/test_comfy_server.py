@@ -14,14 +14,37 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .api_prompts import BATCH, CONDITIONING, IMAGE, MODEL, PERCEIVE, POINTS, SAVE, VAE, node, perceive_prompt
+from .api_prompts import (
+    BATCH,
+    CONDITIONING,
+    FE2E_SAVE,
+    IMAGE,
+    MODEL,
+    PERCEIVE,
+    POINTS,
+    SAVE,
+    VAE,
+    fe2e_prompt,
+    node,
+    perceive_prompt,
+)
 from .comfy_server import PACK_FOLDER_NAME, ComfyServer, PromptRejected, messages
-from .conftest import BACKGROUND_IMAGE, BROKEN_EMBEDDINGS, ODD_IMAGE, ODD_SIZE_WH, TEST_DIT, TEST_VAE
+from .conftest import (
+    BACKGROUND_IMAGE,
+    BROKEN_EMBEDDINGS,
+    ODD_IMAGE,
+    ODD_SIZE_WH,
+    TEST_DIT,
+    TEST_FE2E_DIT,
+    TEST_FE2E_LORA,
+    TEST_VAE,
+)
 from .events import FINAL_EVENTS, prompt_events
 
 PACK_NODES = {
     "E2PModelLoader", "E2PTaskConditioning", "E2PPointPrompt", "E2PPerceive", "E2PDepthOutput", "E2PNormalOutput",
     "E2PMatteOutput", "E2PDepthAllInOne", "E2PNormalAllInOne", "E2PMattingAllInOne", "E2PVAELoader", "E2PEncodeImage",
+    "E2PFE2EModelLoader", "E2PFE2EConditioning", "E2PFE2EPerceive",
 }
 SUBJECT_CLICK = {"x": 29, "y": 33}  # on the disk of the test scene (centre 0.35 W, 0.55 H of 83x61)
 
@@ -89,6 +112,22 @@ def test_normals_keep_the_input_size_and_are_unit_vectors(comfy):
     normals = 2.0 * _pixels(path, "RGB") - 1.0  # the map stores (n + 1) / 2
     length = np.linalg.norm(normals, axis=-1)
     # 8-bit storage moves each component by at most 1/255, i.e. the length by at most sqrt(3)/255 ~ 0.007
+    assert np.abs(length - 1.0).max() < 0.02, f"|n| in [{length.min():.3f}, {length.max():.3f}]"
+
+
+def test_fe2e_gives_depth_and_normals_from_one_perceive_at_the_input_size(comfy):
+    """FE2E on the Step1X-Edit test DiT (ComfyUI's Flux class, LoRA as patches): one perceive node feeds the depth
+    and the normal output nodes."""
+    entry = _run_ok(comfy.server, fe2e_prompt(ODD_IMAGE, TEST_FE2E_DIT, TEST_VAE, TEST_FE2E_LORA))
+    saved = {name: _saved(comfy.server, entry, node_id) for name, node_id in FE2E_SAVE.items()}
+    for name, path in saved.items():
+        assert Image.open(path).size == ODD_SIZE_WH, name
+    depth = _pixels(saved["depth"], "L")  # the MASK output: FE2E's depth in [0,1], near = 0
+    assert np.ptp(depth) > 0, "the depth map is constant"
+    hint = _pixels(saved["depth_hint"], "RGB")
+    assert np.abs(hint[..., 0] - (1.0 - depth)).max() <= 1.5 / 255, "the near-white hint is not 1 - depth"
+    normals = 2.0 * _pixels(saved["normal_map"], "RGB") - 1.0
+    length = np.linalg.norm(normals, axis=-1)
     assert np.abs(length - 1.0).max() < 0.02, f"|n| in [{length.min():.3f}, {length.max():.3f}]"
 
 

@@ -8,6 +8,11 @@ A workflow must load with no missing node types and no frontend alert (e.g. a sc
   - E2PModelLoader / LoraLoaderModelOnly ``lora_name``: the released task LoRAs -> the test kohya LoRA;
   - E2PVAELoader ``vae_name``: the Flux ``ae.safetensors`` -> the test VAE (full Flux VAE layout, random weights);
   - ``resolution`` of E2PPerceive and the all-in-one nodes: 768 -> 128, only for CPU time;
+  - E2PFE2EModelLoader ``model_name`` / ``lora_name``: Step1X-Edit (25 GB) and FE2E's LoRA -> the FE2E test DiT
+    (same layout: no guidance embedder, with a connector) and a test FE2E LoRA; E2PVAELoader's Step1X-Edit VAE ->
+    the test VAE; ``no_info.npz`` is the test prompt cache under that name;
+  - E2PFE2EPerceive ``resolution_mode`` / ``resolution``: FE2E's buckets (1024x768) -> longer side 128, for CPU
+    time;
   - the LoadImage files ``e2p_example.png`` / ``e2p_background.png`` are the test's pictures under those names;
 * not swapped, because no test file can stand in for them here: FLUX.1 [dev] (UNETLoader), its CLIP-L and T5-XXL
   (DualCLIPLoader, T5 alone is 9 GB) and the Flux ControlNets (ControlNetLoader). The server must report exactly
@@ -22,11 +27,12 @@ import shutil
 import pytest
 
 from .comfy_server import REPO_ROOT, messages
-from .conftest import BACKGROUND_IMAGE, ODD_IMAGE, TEST_DIT, TEST_LORA, TEST_VAE
+from .conftest import BACKGROUND_IMAGE, ODD_IMAGE, TEST_DIT, TEST_FE2E_DIT, TEST_FE2E_LORA, TEST_LORA, TEST_VAE
 from .frontend import Frontend, LoadedWorkflow, read_workflow
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
-EXPECTED_WORKFLOWS = {"e2p_depth_controlnet", "e2p_normal_controlnet", "e2p_matting_composite", "e2p_all_tasks"}
+EXPECTED_WORKFLOWS = {"e2p_depth_controlnet", "e2p_normal_controlnet", "e2p_matting_composite", "e2p_all_tasks",
+                      "fe2e_depth_normal"}
 WORKFLOW_IMAGES = {"e2p_example.png": ODD_IMAGE, "e2p_background.png": BACKGROUND_IMAGE}  # name -> test picture
 
 SWAPS = {
@@ -38,6 +44,10 @@ SWAPS = {
     ("E2PDepthAllInOne", "resolution"): 128,
     ("E2PNormalAllInOne", "resolution"): 128,
     ("E2PMattingAllInOne", "resolution"): 128,
+    ("E2PFE2EModelLoader", "model_name"): TEST_FE2E_DIT,
+    ("E2PFE2EModelLoader", "lora_name"): TEST_FE2E_LORA,
+    ("E2PFE2EPerceive", "resolution_mode"): "longer_side",
+    ("E2PFE2EPerceive", "resolution"): 128,
 }
 UNAVAILABLE = {("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2"),
                ("ControlNetLoader", "control_net_name")}
