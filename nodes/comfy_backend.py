@@ -79,6 +79,9 @@ class ComfyDenoiser:
 
     def __init__(self, model: ModelPatcher, time_embedding: TimeEmbedding = "reference"):
         check_flux_model(model)
+        if not model.model.diffusion_model.params.guidance_embed:  # Kontext [dev] has one, Step1X-Edit none
+            raise InputError("the MODEL has no guidance embedder: it is not FLUX.1 Kontext [dev] / Edit2Perceive "
+                             "(a Step1X-Edit model from 'FE2E Model Loader' belongs to 'FE2E Perceive')")
         self.model = model
         self.time_embedding = check_time_embedding(time_embedding)
         self.dtype = compute_dtype(model)

@@ -29,6 +29,7 @@ from test_nodes_fe2e_backend import tiny_fe2e_vae
 pack = load_pack()
 from e2p_pack.e2p_core.errors import CheckpointError, InputError  # noqa: E402
 from e2p_pack.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+from e2p_pack.nodes.comfy_backend import ComfyDenoiser  # noqa: E402
 from e2p_pack.nodes.fe2e import FE2EConditioning, FE2EModelLoader, FE2EPerceive  # noqa: E402
 from e2p_pack.nodes.outputs import E2PDepthOutput, E2PNormalOutput  # noqa: E402
 
@@ -133,6 +134,10 @@ def test_an_edit2perceive_dit_is_refused_as_fe2e_and_the_reverse(folders, tmp_pa
         with pytest.raises(InputError, match="guidance embedder"):
             FE2EPerceive().perceive(load_e2p_model(e2p_dit), tiny_fe2e_vae(), conditioning, torch.rand(1, 32, 32, 3),
                                     1, SEED, "native", 64, "aligned", 4)
+        # ... and the FE2E MODEL reaching Edit2Perceive's perceive node.
+        fe2e_model, _ = FE2EModelLoader().load(DIT_NAME, "default", "none", 1.0)
+        with pytest.raises(InputError, match="belongs to 'FE2E Perceive'"):
+            ComfyDenoiser(fe2e_model)
     finally:
         e2p_dit.unlink()
 
