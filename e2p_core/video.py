@@ -111,13 +111,15 @@ class TemporalAligner:
         """A chained frame re-anchored to the mean normalisation of the model around it: the chain removes the
         frame-to-frame flicker, the mean removes the slow drift any chain of fits accumulates."""
         index, prediction, scale, shift = self.waiting.popleft()
+        self.frames_emitted += 1
+        if self.options.horizon == 0:  # chain only: the clip stays in the first frame's normalisation
+            return AlignedFrame(index, prediction * scale + shift, scale, shift)
         first = max(0, index - self.options.horizon)
         around = list(self.inverses)[first - (self.frames_seen - len(self.inverses)):]
         around = around[:index + self.options.horizon + 1 - first]
         mean_scale = sum(u for u, _ in around) / len(around)
         mean_shift = sum(v for _, v in around) / len(around)
         total_scale, total_shift = mean_scale * scale, mean_scale * shift + mean_shift
-        self.frames_emitted += 1
         return AlignedFrame(index, prediction * total_scale + total_shift, total_scale, total_shift)
 
     def _fit_view(self, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

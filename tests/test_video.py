@@ -124,6 +124,19 @@ def test_streaming_holds_a_bounded_number_of_frames():
     assert len(consumed) <= options.horizon + 1
 
 
+def test_horizon_0_is_the_chain_alone():
+    """Without re-anchoring, every frame is brought into the first frame's normalisation (a frame's own mean would
+    cancel its fit and give back the independent output)."""
+    truth = torch.linspace(0.1, 0.9, 64).expand(1, 32, 64).clone()
+    scales_shifts = [(1.0, 0.0), (0.7, 0.1), (0.8, 0.05), (0.6, 0.2)]
+    frames = [truth * scale + shift for scale, shift in scales_shifts]
+    aligner = TemporalAligner(TemporalOptions(horizon=0, fit_side=64))
+    chained = [aligned for frame in frames for aligned in aligner.push(frame)]
+    assert [frame.index for frame in chained] == [0, 1, 2, 3]
+    for frame in chained:
+        torch.testing.assert_close(frame.depth, truth, atol=1e-4, rtol=0)
+
+
 def test_clipped_pixels_stay_out_of_the_fit():
     """A frame whose far half is clipped at 1 still gets the scale and shift of its unclipped pixels."""
     truth = torch.linspace(0.1, 0.9, 64).expand(1, 32, 64).clone()
