@@ -23,7 +23,7 @@ from ..e2p_core.schedule import MAX_STEPS
 from .comfy_fe2e import ComfyPosteriorCodec, ComfyStep1XDenoiser, load_fe2e_model
 from .conditioning import PROMPTS_FOLDER
 from .loader import NO_LORA, WEIGHT_DTYPES
-from .model_files import choices, full_path, is_known
+from .model_files import choices, full_path, unknown_choice
 from .perceive import DEFAULT_CHUNK, MAX_SEED, RESIZE_MODES, _check_images
 from .prediction import E2P_PREDICTION, Prediction
 
@@ -73,11 +73,8 @@ class FE2EModelLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_name: str, lora_name: str):
-        if not is_known("diffusion_models", model_name, FAMILY):
-            return f"{model_name!r} is neither in models/diffusion_models nor a known download"
-        if lora_name != NO_LORA and not is_known("loras", lora_name, FAMILY):
-            return f"{lora_name!r} is neither in models/loras nor a known download"
-        return True
+        lora_problem = None if lora_name == NO_LORA else unknown_choice("loras", lora_name, FAMILY)
+        return unknown_choice("diffusion_models", model_name, FAMILY) or lora_problem or True
 
     def load(self, model_name: str, weight_dtype: str, lora_name: str, lora_strength: float, node_id=None):
         dit_path = full_path("diffusion_models", model_name, node_id, FAMILY)

@@ -38,7 +38,7 @@ from ..e2p_core.checkpoints.arch import FLUX_AXES_DIMS_ROPE
 from ..e2p_core.checkpoints.io import SAFETENSORS_SUFFIXES
 from ..e2p_core.errors import CheckpointError
 from ..e2p_core.weights import check_dit_family, check_lora_family, recorded_time_embedding
-from .model_files import choices, full_path, is_known
+from .model_files import choices, full_path, unknown_choice
 
 logger = logging.getLogger(__name__)
 
@@ -177,13 +177,8 @@ class E2PModelLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_name: str, lora_name: str):
-        # Checked here rather than against the list, so that a known file's download label and its plain name are
-        # both valid before and after it is downloaded.
-        if not is_known("diffusion_models", model_name):
-            return f"{model_name!r} is neither in models/diffusion_models nor a known download"
-        if lora_name != NO_LORA and not is_known("loras", lora_name):
-            return f"{lora_name!r} is neither in models/loras nor a known download"
-        return True
+        lora_problem = None if lora_name == NO_LORA else unknown_choice("loras", lora_name)
+        return unknown_choice("diffusion_models", model_name) or lora_problem or True
 
     def load(self, model_name: str, weight_dtype: str, lora_name: str, lora_strength: float, node_id=None):
         dit_path = full_path("diffusion_models", model_name, node_id)
@@ -213,8 +208,7 @@ class E2PVAELoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, vae_name: str):
-        known = is_known("vae", vae_name, family=None)
-        return True if known else f"{vae_name!r} is neither in models/vae nor a known download"
+        return unknown_choice("vae", vae_name, family=None) or True
 
     def load(self, vae_name: str, node_id=None):
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(full_path("vae", vae_name, node_id, family=None)))

@@ -48,9 +48,13 @@ def choices(folder: str, local: list[str] | None = None, family: str | None = "e
     return [*local, *extra]
 
 
-def is_known(folder: str, choice: str, family: str | None = "e2p") -> bool:
-    """A local file of ``folder`` or a table file (plain name or download label): what a loader accepts."""
-    return choice in folder_paths.get_filename_list(folder) or _table_file(folder, choice, family) is not None
+def unknown_choice(folder: str, choice: str, family: str | None = "e2p") -> str | None:
+    """Why a loader of ``folder`` refuses ``choice``, or None when it takes it: a local file or a table file (plain
+    name or download label). Loaders check this in VALIDATE_INPUTS rather than against the list, so that a known
+    file's label and its plain name are both valid before and after it is downloaded."""
+    if choice in folder_paths.get_filename_list(folder) or _table_file(folder, choice, family) is not None:
+        return None
+    return f"{choice!r} is neither in models/{folder} nor a known download"
 
 
 def full_path(folder: str, choice: str, node_id: str | None = None, family: str | None = "e2p") -> str:
