@@ -56,6 +56,7 @@ from .points import parse_points, to_pixel_coords, warn_negative_points
 from .prompts import encode_prompts, save_prompt_embeddings
 from .tasks import TASKS
 from .text_encoders import automatic_encoder_source
+from .video import TemporalOptions
 from .weights import TIME_EMBEDDING_METADATA_KEY
 
 logger = logging.getLogger("e2p_core")
@@ -348,9 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temporal", choices=("aligned", "independent"), default="aligned",
                    help="depth of a folder or video: aligned co-aligns every frame's scale and shift to its "
                         "neighbours (no flicker) and normalises the clip once (default); independent = per frame")
-    p.add_argument("--temporal-window", type=int, default=8, help="frames each frame is aligned to (default 8)")
-    p.add_argument("--temporal-horizon", type=int, default=24,
-                   help="frames on each side whose mean normalisation anchors the alignment (default 24)")
+    p.add_argument("--temporal-window", type=int, default=TemporalOptions.window,
+                   help="frames each frame is aligned to (default %(default)s)")
+    p.add_argument("--temporal-horizon", type=int, default=TemporalOptions.horizon,
+                   help="frames on each side whose mean normalisation anchors the alignment (default %(default)s; "
+                        "0 = the chain alone)")
     p.add_argument("--chunk-size", type=int, default=4, help="frames per model call for folders and videos")
     p.add_argument("--sequence-format", choices=("png", "npy"), default="png",
                    help="file type of each frame of a folder or video output")
