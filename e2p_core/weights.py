@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from .checkpoints import (
     DiTArchitecture,
@@ -32,7 +33,7 @@ from .checkpoints import (
     to_bfl,
     vae_to_diffusers,
 )
-from .checkpoints.io import SAFETENSORS_SUFFIXES
+from .checkpoints.io import SAFETENSORS_SUFFIXES, read_header
 from .connector import CONNECTOR_PREFIX, ConnectorArchitecture, infer_connector_architecture, split_connector
 from .errors import CheckpointError
 from .time_embedding import TimeEmbedding, check_time_embedding
@@ -216,17 +217,21 @@ def lora_family(path: str | Path) -> str | None:
     path = Path(path)
     if path.suffix not in SAFETENSORS_SUFFIXES:
         return None
-    if TIME_EMBEDDING_METADATA_KEY in read_metadata(path):
+    header = read_header(path)  # dtypes and shapes: the LoRA's matrices are read once, by its loader, not here
+    if TIME_EMBEDDING_METADATA_KEY in (header.get("__metadata__") or {}):
         return "e2p"
-    tensors = load_state_dict(path)
-    alphas = {key[: -len(".alpha")]: value for key, value in tensors.items()
-              if key.startswith("lora_unet_") and key.endswith(".alpha")}
-    if not alphas:
+    alpha_keys = [key for key in header if key.startswith("lora_unet_") and key.endswith(".alpha")]
+    if not alpha_keys:
         return None
-    if all(not alpha.is_floating_point() for alpha in alphas.values()):
+    float_alphas = [header[key]["dtype"].startswith(("F", "BF")) for key in alpha_keys]
+    if not any(float_alphas):
         return "e2p"
-    scales = {float(alpha) / tensors[f"{module}.lora_down.weight"].shape[0] for module, alpha in alphas.items()
-              if f"{module}.lora_down.weight" in tensors}
-    if all(alpha.is_floating_point() for alpha in alphas.values()) and scales == {FE2E_LORA_SCALE}:
-        return "fe2e"
-    return None
+    if not all(float_alphas):
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            scales = {float(handle.get_tensor(key)) / header[down]["shape"][0] for key in alpha_keys
+                      if (down := key.removesuffix(".alpha") + ".lora_down.weight") in header}
+    except Exception as exc:  # safetensors' own error type, or alphas and shapes that are not what a LoRA holds
+        raise CheckpointError(f"{path} is not a readable LoRA file: {exc}") from exc
+    return "fe2e" if scales == {FE2E_LORA_SCALE} else None

@@ -69,11 +69,17 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """Return the ``__metadata__`` strings of a safetensors header ({} when there are none)."""
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked safetensors header: ``{name: {"dtype", "shape", "data_offsets"}}`` and ``__metadata__``; no tensor
+    data is read."""
     path = Path(path)
     _check_file(path)
-    return dict(_read_safetensors_header(path).get("__metadata__") or {})
+    return _read_safetensors_header(path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Return the ``__metadata__`` strings of a safetensors header ({} when there are none)."""
+    return dict(read_header(path).get("__metadata__") or {})
 
 
 def stage_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
