@@ -115,15 +115,20 @@ def _predict_frames(args: argparse.Namespace) -> None:
     from .pipeline import perceive
 
     sequence = is_sequence(args.image)
-    unsupported = [flag for flag, value in (("--raw", args.raw), ("--noise", args.noise), ("--points", args.points),
-                                            ("--point-mask", args.point_mask), ("--point-map", args.point_map))
-                   if value]
+    unsupported = [flag for flag, value in (("--raw", args.raw), ("--noise", args.noise)) if value]
     if unsupported:
         raise InputError(f"{', '.join(unsupported)} take one image without --tiles")
     if sequence and Path(args.out).suffix.lower() in (".png", ".npy"):
         raise InputError(f"--out {args.out}: frames of a folder or video go into a folder; give a folder name")
-    if not sequence:
+    points, point_map = None, None
+    if sequence:
+        prompted = [flag for flag in ("points", "point_mask", "point_map") if getattr(args, flag)]
+        if prompted:  # a click on one frame does not follow the object through the clip
+            raise InputError(f"--{prompted[0].replace('_', '-')} takes one image; a folder or video has no prompt")
+    else:
         _check_output_path(args.out, (".png", ".npy"), "--out")
+        image = load_image_rgb(args.image)
+        points, point_map = _point_prompt(args, image.shape[:2])  # mapped into each tile by the tiling
     tile_count(args.tiles, (1, 1), args.resolution)  # a bad --tiles fails before the models load
     device, dtype = device_and_dtype(args)
     prompt = prompt_embeddings(args, device, dtype)
@@ -133,8 +138,9 @@ def _predict_frames(args: argparse.Namespace) -> None:
         return perceive(denoiser, codec, images, args.task, prompt, points=points, point_map=point_map,
                         steps=args.steps, seed=args.seed, resize=args.resize, resolution=args.resolution)
 
-    frames = read_frames(args.image) if sequence else iter([(Path(args.image).stem, load_image_rgb(args.image))])
-    outputs = predict_frames(run, frames, args.task, args.tiles, args.resolution, args.chunk_size)
+    frames = read_frames(args.image) if sequence else iter([(Path(args.image).stem, image)])
+    outputs = predict_frames(run, frames, args.task, args.tiles, args.resolution, args.chunk_size,
+                             points=points, point_map=point_map)
     if sequence:
         logger.info("wrote %d frames to %s", write_sequence(args, outputs), args.out)
         return

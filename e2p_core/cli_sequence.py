@@ -19,6 +19,7 @@ import torch
 from .cli_outputs import publish, write_map
 from .errors import InputError
 from .images import load_image_rgb
+from .pipeline import PointPrompt
 from .tiling import auto_tiles, perceive_tiled, plan_tiles
 from .video import ClipRange, TemporalAligner, TemporalOptions
 
@@ -90,8 +91,10 @@ def tile_count(tiles: str | None, image_hw: tuple[int, int], resolution) -> int:
 
 
 def predict_frames(run, frames: Iterator[tuple[str, np.ndarray]], task: str, tiles: str | None, resolution,
-                   chunk_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, output [C,H,W]) of every frame; ``run(images, points, point_map)`` is ``perceive`` bound to a model."""
+                   chunk_size: int, *, points: PointPrompt | None = None, point_map: np.ndarray | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, output [C,H,W]) of every frame; ``run(images, points, point_map)`` is ``perceive`` bound to a model.
+    A matting prompt (``points`` or ``point_map``, in the frame's pixels) belongs to a single image."""
     for chunk in chunks(frames, chunk_size):
         names = [name for name, _ in chunk]
         count = tile_count(tiles, chunk[0][1].shape[:2], resolution)
@@ -99,9 +102,10 @@ def predict_frames(run, frames: Iterator[tuple[str, np.ndarray]], task: str, til
             logger.info("%s: %d DiT calls per frame (global + tiles)", names[0],
                         1 + len(plan_tiles(chunk[0][1].shape[:2], count)))
             perceiver = lambda image, points, point_map: run(image, points, point_map).output[0]  # noqa: E731
-            outputs = [perceive_tiled(perceiver, image, task, count) for _, image in chunk]
+            outputs = [perceive_tiled(perceiver, image, task, count, points=points, point_map=point_map)
+                       for _, image in chunk]
         else:
-            outputs = list(run(np.stack([image for _, image in chunk]), None, None).output)
+            outputs = list(run(np.stack([image for _, image in chunk]), points, point_map).output)
         yield from zip(names, outputs)
 
 

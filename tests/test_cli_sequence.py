@@ -84,3 +84,43 @@ def test_tiles_on_one_image_and_bad_sequence_arguments(tmp_path, prompt_files, d
     assert "give a folder name" in capsys.readouterr().err
     assert main(base_args(tmp_path, prompt_files, dit_config_file, image, tmp_path / "y.png", "--tiles", "many")) == 2
     assert "--tiles takes a number or 'auto'" in capsys.readouterr().err
+
+
+def test_tiled_matting_maps_the_clicks_into_every_tile(tmp_path, prompt_files, dit_config_file, monkeypatch):
+    """--tiles with --points: the global pass gets the clicks as given, each tile gets them in its own pixels."""
+    from e2p_core import pipeline
+    from e2p_core.tiling import plan_tiles
+
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (45, 131, 3), dtype=np.uint8)).save(image)
+    seen = []
+    original = pipeline.perceive
+
+    def recording(*args, points=None, **kwargs):
+        seen.append((args[2].shape[:2], points.points_px.copy()))
+        return original(*args, points=points, **kwargs)
+
+    monkeypatch.setattr(pipeline, "perceive", recording)
+    args = base_args(tmp_path, prompt_files, dit_config_file, image, tmp_path / "alpha.npy", "--tiles", "3",
+                     "--points", "[[100, 20], [30, 40]]", "--points-space", "pixels")
+    args[args.index("depth")] = "matting"
+    args[args.index(str(prompt_files["depth"]))] = str(prompt_files["matting"])
+    assert main(args) == 0
+    clicks = np.array([[100.0, 20.0], [30.0, 40.0]])
+    plan = plan_tiles((45, 131), 3)
+    assert len(seen) == 1 + len(plan)
+    assert seen[0][0] == (45, 131)
+    np.testing.assert_array_equal(seen[0][1], clicks)
+    for tile, (tile_hw, tile_clicks) in zip(plan, seen[1:]):
+        assert tile_hw == (tile.height, tile.width)
+        np.testing.assert_array_equal(tile_clicks, clicks - [tile.left, tile.top])
+    alpha = np.load(tmp_path / "alpha.npy")
+    assert alpha.shape == (45, 131) and 0 <= alpha.min() and alpha.max() <= 1
+
+
+def test_a_folder_of_frames_refuses_a_point_prompt(tmp_path, prompt_files, dit_config_file, capsys):
+    frames = write_frames(tmp_path / "frames", 2)
+    args = base_args(tmp_path, prompt_files, dit_config_file, frames, tmp_path / "out", "--points", "[[1, 2]]")
+    assert main(args) == 2
+    assert "--points takes one image" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
