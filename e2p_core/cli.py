@@ -34,7 +34,7 @@ from .checkpoints import (
     vae_diffusers_to_bfl,
     vae_to_diffusers,
 )
-from .cli_outputs import publish, write_map
+from .cli_outputs import check_output_path, publish, write_map
 from .cli_models import (
     DTYPES,
     add_model_arguments,
@@ -45,6 +45,7 @@ from .cli_models import (
     prompt_text,
     resolution_arg,
 )
+from .cli_tasks import predict_tasks, task_list, task_runs
 from .conventions import depth_hint, normals_to_convention, normals_to_rgb01
 from .errors import E2PError, InputError
 from .evaluation.command import add_evaluate_parser
@@ -69,6 +70,8 @@ def predict(args: argparse.Namespace) -> None:
     if args.model == "fe2e":
         from .cli_fe2e import predict_fe2e
 
+        if args.per_task:
+            raise InputError("TASK=VALUE options belong to Edit2Perceive's --task (--model e2p)")
         return predict_fe2e(args)
     from .pipeline import perceive
 
@@ -83,14 +86,18 @@ def predict(args: argparse.Namespace) -> None:
     args.seed = 42 if args.seed is None else args.seed
     args.resize = args.resize or "aligned"
     args.resolution = 768 if args.resolution is None else args.resolution
+    runs = task_runs(args)
+    if len(runs) > 1:
+        return predict_tasks(runs)  # one encode of the image for every task: e2p_core.cli_tasks
+    args = runs[0]
     from .cli_sequence import is_sequence
 
     if is_sequence(args.image) or args.tiles not in (None, "0"):
         return _predict_frames(args)
     # Read and check every input before loading models, so a typo costs nothing and nothing is written.
-    _check_output_path(args.out, (".png", ".npy"), "--out")
+    check_output_path(args.out, (".png", ".npy"), "--out")
     if args.raw:
-        _check_output_path(args.raw, (".safetensors",), "--raw")
+        check_output_path(args.raw, (".safetensors",), "--raw")
     image = load_image_rgb(args.image)
     points, point_map = _point_prompt(args, image.shape[:2])
     noise = _read_tensor_file(args.noise, "noise") if args.noise else None
@@ -106,7 +113,7 @@ def predict(args: argparse.Namespace) -> None:
         resize=args.resize, resolution=args.resolution,
         on_step=lambda i, n: logger.info("step %d/%d", i + 1, n),
     )
-    _write_outputs(args, result)
+    publish(_output_writers(args, result))
 
 
 def _predict_frames(args: argparse.Namespace) -> None:
@@ -126,7 +133,7 @@ def _predict_frames(args: argparse.Namespace) -> None:
         if prompted:  # a click on one frame does not follow the object through the clip
             raise InputError(f"--{prompted[0].replace('_', '-')} takes one image; a folder or video has no prompt")
     else:
-        _check_output_path(args.out, (".png", ".npy"), "--out")
+        check_output_path(args.out, (".png", ".npy"), "--out")
         image = load_image_rgb(args.image)
         points, point_map = _point_prompt(args, image.shape[:2])  # mapped into each tile by the tiling
     tile_count(args.tiles, (1, 1), args.resolution)  # a bad --tiles fails before the models load
@@ -147,13 +154,6 @@ def _predict_frames(args: argparse.Namespace) -> None:
     ((_, output),) = outputs
     as_npy = args.out.lower().endswith(".npy")
     publish({args.out: lambda tmp: write_map(tmp, output_view(args, output, as_npy), as_npy)})
-
-
-def _check_output_path(path: str, suffixes: tuple[str, ...], flag: str) -> None:
-    if Path(path).suffix.lower() not in suffixes:
-        raise InputError(f"{flag} {path}: expected a {' or '.join(suffixes)} file")
-    if Path(path).is_dir():
-        raise InputError(f"{flag} {path} is a folder; give a file name")
 
 
 def _point_prompt(args, image_hw):
@@ -214,8 +214,8 @@ def _read_tensor_file(path: str, key: str) -> torch.Tensor:
     return tensors[key]
 
 
-def _write_outputs(args, result: Perception) -> None:
-    """Stage --out (and --raw) as temp files and publish them only once all are complete."""
+def _output_writers(args, result: Perception) -> dict:
+    """``{path: write(temp path)}`` of --out (and --raw), for ``publish``."""
     writers = {args.out: lambda tmp: _save_view(tmp, args, result)}
     if args.raw:
         # The algorithm's stages, all on the processing grid like the reference's own tensors.
@@ -225,7 +225,7 @@ def _write_outputs(args, result: Perception) -> None:
             raw["point_map"] = result.point_map
         raw = {key: value.detach().cpu().contiguous() for key, value in raw.items()}
         writers[args.raw] = lambda tmp: save_file(raw, tmp, metadata=_raw_metadata(args))
-    publish(writers)
+    return writers
 
 
 def _raw_metadata(args) -> dict[str, str]:
@@ -314,8 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=("e2p", "fe2e"), default="e2p",
                    help="e2p: Edit2Perceive on FLUX.1 Kontext (default); fe2e: FE2E on Step1X-Edit, depth AND normals "
                         "from one pass (--out depth, --out-normal normals)")
-    p.add_argument("--task", choices=sorted(TASKS), help="what to predict (Edit2Perceive)")
-    add_model_arguments(p)
+    p.add_argument("--task", type=task_list,
+                   help=f"what to predict (Edit2Perceive): {', '.join(sorted(TASKS))}, or a comma list "
+                        "(depth,normal,matting): the image is VAE-encoded once for all of them, then each task's DiT "
+                        "loads in turn (the base file is read once per task), and {task} in --out/--raw names each "
+                        "task's file; --dit/--lora/--prompt-embeds TASK=VALUE give one task's weights")
+    add_model_arguments(p, per_task=True)
     p.add_argument("--image", required=True, help="input image (RGB; grayscale and RGBA are converted), or a folder "
                                                   "of frames or a video file (then --out is a folder)")
     p.add_argument("--out", required=True, help="output map: .png (16-bit gray for depth/alpha, 8-bit RGB for "

@@ -21,20 +21,43 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_CACHE_DIR = Path(os.environ.get("E2P_CACHE_DIR", Path.home() / ".cache" / "edit2perceive"))
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The weights, prompt, device, dtype and memory options (the task and the run options are the command's)."""
-    parser.add_argument("--dit", help="base or E2P DiT: BFL/ComfyUI file (fp8 ok), DiffSynth file, city96/ComfyUI-GGUF "
-                                      ".gguf, or diffusers folder (default: --weights from disk or the hub)")
+class TaskScoped(argparse.Action):
+    """``VALUE`` for every task, or ``TASK=VALUE`` for one task of a ``--task`` list, kept in ``args.per_task`` as
+    ``(dest, task, value)``. A repeatable option (a list default, ``--lora``) appends its plain values."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        task, sep, task_value = value.partition("=")
+        if sep and task in TASKS and not Path(value).exists():
+            namespace.per_task = (*namespace.per_task, (self.dest, task, task_value))
+        elif isinstance(self.default, list):
+            setattr(namespace, self.dest, [*getattr(namespace, self.dest), value])
+        else:
+            setattr(namespace, self.dest, value)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, per_task: bool = False) -> None:
+    """The weights, prompt, device, dtype and memory options (the task and the run options are the command's).
+
+    ``per_task``: ``--dit``, ``--lora`` and ``--prompt-embeds`` also take ``TASK=VALUE``, one task's value in a
+    multi-task ``predict`` (see ``cli_tasks``)."""
+    scoped = {"action": TaskScoped} if per_task else {}
+    for_one_task = "; TASK=VALUE (e.g. normal=FILE) for one task of a --task list" if per_task else ""
+    if per_task:
+        parser.set_defaults(per_task=())
+    parser.add_argument("--dit", **scoped,
+                        help="base or E2P DiT: BFL/ComfyUI file (fp8 ok), DiffSynth file, city96/ComfyUI-GGUF .gguf, "
+                             f"or diffusers folder (default: --weights from disk or the hub){for_one_task}")
     parser.add_argument("--dit-config", help="diffusers-style config.json for non-standard DiT sizes (RoPE axes)")
-    parser.add_argument("--lora", action="append", default=[],
-                        help="task LoRA (kohya/PEFT), PATH or PATH:STRENGTH; repeatable")
+    parser.add_argument("--lora", action=TaskScoped if per_task else "append", default=[],
+                        help=f"task LoRA (kohya/PEFT), PATH or PATH:STRENGTH; repeatable{for_one_task}")
     parser.add_argument("--vae", help="Flux VAE: BFL ae.safetensors or diffusers folder (default: ae.safetensors from "
                                       "disk or the hub)")
     parser.add_argument("--vae-config", help="diffusers-style config.json for a non-standard VAE")
-    parser.add_argument("--prompt-embeds",
+    parser.add_argument("--prompt-embeds", **scoped,
                         help="safetensors with prompt_embeds [1,L,D] and pooled_prompt_embeds [1,P] (embed-prompts); "
                              "default: the task prompt from --cache-dir, else encoded once with --text-encoders or "
-                             "the text encoders on disk (--comfyui, --models-dir, HF cache) or from the hub")
+                             "the text encoders on disk (--comfyui, --models-dir, HF cache) or from the hub"
+                             + for_one_task)
     parser.add_argument("--text-encoders", help="instead of --prompt-embeds: a diffusers FLUX folder, a ComfyUI "
                                                 "models/text_encoders folder (clip_l + t5xxl_fp16) or a ComfyUI "
                                                 "folder; the encoding is cached")
@@ -103,14 +126,20 @@ def load_model(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> tuple[Denoiser, LatentCodec, str]:
     """``(denoiser, codec, source_format)`` of the diffusers backend for ``--dit``/``--lora``/``--vae``; the ones not
-    given come from the sources table (on disk, else downloaded: ``hub.command.fill_model_paths``).
+    given come from the sources table (on disk, else downloaded: ``hub.command.fill_model_paths``)."""
+    fill_model_paths(args)
+    denoiser, source_format = load_denoiser(args, device, dtype)
+    return denoiser, load_codec(args, device, dtype), source_format
+
+
+def load_denoiser(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Denoiser, str]:
+    """``(denoiser, source_format)`` for ``--dit`` with the ``--lora``s merged (paths filled: ``fill_model_paths``).
 
     diffusers is imported here, not at module level: only commands that run a model pay for it.
     """
-    from .backends.diffusers_backend import load_diffusers_backend
-    from .weights import load_dit, load_vae
+    from .backends.diffusers_backend import load_diffusers_denoiser
+    from .weights import load_dit
 
-    fill_model_paths(args)
     loras = [lora_arg(spec) for spec in args.lora]
     suffix = Path(args.dit).suffix.lower()
     if suffix == ".gguf":  # city96 / ComfyUI-GGUF: quantised weights, see backends.gguf
@@ -123,7 +152,13 @@ def load_model(
         dit = quantize_dit_file(args.dit, args.dit_config, loras, device)
     else:
         dit = load_dit(args.dit, args.dit_config, loras)
-    vae = load_vae(args.vae, args.vae_config)
-    denoiser, codec = load_diffusers_backend(dit, vae, dtype, device, args.time_embedding, args.memory_mode)
-    # dit and vae die with this frame: on a GPU their host copies are freed before the caller runs the model.
-    return denoiser, codec, dit.source_format
+    # dit dies with this frame: on a GPU its host copy is freed before the caller runs the model.
+    return load_diffusers_denoiser(dit, dtype, device, args.time_embedding, args.memory_mode), dit.source_format
+
+
+def load_codec(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LatentCodec:
+    """The VAE of ``--vae`` (path filled: ``fill_model_paths``)."""
+    from .backends.diffusers_backend import load_diffusers_codec
+    from .weights import load_vae
+
+    return load_diffusers_codec(load_vae(args.vae, args.vae_config), dtype, device)

@@ -4,12 +4,21 @@ are complete (so an error leaves nothing behind), and the user-facing maps as PN
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from .checkpoints import stage_file
+from .errors import InputError
 
 logger = logging.getLogger("e2p_core")
+
+
+def check_output_path(path: str, suffixes: tuple[str, ...], flag: str) -> None:
+    if Path(path).suffix.lower() not in suffixes:
+        raise InputError(f"{flag} {path}: expected a {' or '.join(suffixes)} file")
+    if Path(path).is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file name")
 
 
 def publish(writers: dict[str, Callable[[str], None]]) -> None:

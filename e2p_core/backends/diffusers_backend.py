@@ -221,7 +221,19 @@ def load_diffusers_backend(
     time_embedding: str | None = None,
     memory_mode: MemoryMode = "full",
 ) -> tuple[DiffusersDenoiser, DiffusersCodec]:
-    """Denoiser and codec from loaded weights. ``time_embedding`` ``auto`` (or None) is what the DiT file records,
+    """Denoiser and codec from loaded weights (:func:`load_diffusers_denoiser`, :func:`load_diffusers_codec`)."""
+    return (load_diffusers_denoiser(dit, dtype, device, time_embedding, memory_mode),
+            load_diffusers_codec(vae, dtype, device))
+
+
+def load_diffusers_denoiser(
+    dit: DiTWeights,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    time_embedding: str | None = None,
+    memory_mode: MemoryMode = "full",
+) -> DiffusersDenoiser:
+    """The denoiser from loaded DiT weights. ``time_embedding`` ``auto`` (or None) is what the DiT file records,
     else ``bf16`` (see ``e2p_core.time_embedding``); ``memory_mode`` says how the DiT's weights are held (see
     ``backends.memory``). GGUF-quantised weights are dequantised on load unless the mode is ``gguf``."""
     variant = resolve_time_embedding(time_embedding, dit.time_embedding)
@@ -243,8 +255,12 @@ def load_diffusers_backend(
     transformer = build_transformer(state_dict, dit.architecture, dtype, build_device, variant)
     if builds_on_host(mode):
         place_transformer(transformer, mode, dtype, device)
-    codec = DiffusersCodec(build_vae(vae.state_dict_diffusers, vae.architecture, dtype, device))
-    return DiffusersDenoiser(transformer, dtype, device), codec
+    return DiffusersDenoiser(transformer, dtype, device)
+
+
+def load_diffusers_codec(vae: VAEWeights, dtype: torch.dtype = torch.bfloat16,
+                         device: torch.device | str = "cpu") -> DiffusersCodec:
+    return DiffusersCodec(build_vae(vae.state_dict_diffusers, vae.architecture, dtype, torch.device(device)))
 
 
 def speed_up(
