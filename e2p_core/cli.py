@@ -3,6 +3,7 @@
     python -m e2p_core predict --task depth --image photo.jpg --out depth.png   # weights from disk or the hub
     python -m e2p_core predict --task depth --dit kontext.safetensors --lora depth_lora.safetensors --vae ae.safetensors
         --prompt-embeds depth.safetensors --image photo.jpg --out depth.png
+    python -m e2p_core predict --task depth,normal,matting --points clicks.json --image photo.jpg --out maps/{task}.png
     python -m e2p_core download --task depth [--weights lora|full] [--comfyui COMFYUI_DIR | --to DIR]
     python -m e2p_core convert --kind dit --input depth.safetensors --to bfl --output depth_bfl.safetensors
     python -m e2p_core embed-prompts --text-encoders FLUX.1-Kontext-dev --out-dir embeddings/
