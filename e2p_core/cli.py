@@ -15,14 +15,9 @@ Everything is checked before anything is written, and outputs are written atomic
 """
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
-from safetensors.torch import save_file
 
 from .checkpoints import (
     convert_dit,
@@ -35,7 +30,7 @@ from .checkpoints import (
     vae_diffusers_to_bfl,
     vae_to_diffusers,
 )
-from .cli_outputs import check_output_path, publish, write_map
+from .cli_inputs import point_prompt, read_tensor_file
 from .cli_models import (
     DTYPES,
     add_model_arguments,
@@ -46,15 +41,13 @@ from .cli_models import (
     prompt_text,
     resolution_arg,
 )
+from .cli_outputs import check_output_path, output_view, output_writers, publish, write_map
 from .cli_tasks import predict_tasks, task_list, task_runs
-from .conventions import depth_hint, normals_to_convention, normals_to_rgb01
 from .errors import E2PError, InputError
 from .evaluation.command import add_evaluate_parser
 from .hub import Store
 from .hub.command import add_download_parser
-from .images import load_image_rgb, reading_picture
-from .pipeline import Perception, PointPrompt
-from .points import parse_points, to_pixel_coords, warn_negative_points
+from .images import load_image_rgb
 from .prompts import encode_prompts, save_prompt_embeddings
 from .tasks import TASKS
 from .text_encoders import automatic_encoder_source
@@ -100,8 +93,8 @@ def predict(args: argparse.Namespace) -> None:
     if args.raw:
         check_output_path(args.raw, (".safetensors",), "--raw")
     image = load_image_rgb(args.image)
-    points, point_map = _point_prompt(args, image.shape[:2])
-    noise = _read_tensor_file(args.noise, "noise") if args.noise else None
+    points, point_map = point_prompt(args, image.shape[:2])
+    noise = read_tensor_file(args.noise, "noise") if args.noise else None
     device, dtype = device_and_dtype(args)
     prompt = prompt_embeddings(args, device, dtype)
 
@@ -114,7 +107,7 @@ def predict(args: argparse.Namespace) -> None:
         resize=args.resize, resolution=args.resolution,
         on_step=lambda i, n: logger.info("step %d/%d", i + 1, n),
     )
-    publish(_output_writers(args, result))
+    publish(output_writers(args, result))
 
 
 def _predict_frames(args: argparse.Namespace) -> None:
@@ -136,7 +129,7 @@ def _predict_frames(args: argparse.Namespace) -> None:
     else:
         check_output_path(args.out, (".png", ".npy"), "--out")
         image = load_image_rgb(args.image)
-        points, point_map = _point_prompt(args, image.shape[:2])  # mapped into each tile by the tiling
+        points, point_map = point_prompt(args, image.shape[:2])  # mapped into each tile by the tiling
     tile_count(args.tiles, (1, 1), args.resolution)  # a bad --tiles fails before the models load
     device, dtype = device_and_dtype(args)
     prompt = prompt_embeddings(args, device, dtype)
@@ -155,102 +148,6 @@ def _predict_frames(args: argparse.Namespace) -> None:
     ((_, output),) = outputs
     as_npy = args.out.lower().endswith(".npy")
     publish({args.out: lambda tmp: write_map(tmp, output_view(args, output, as_npy), as_npy)})
-
-
-def _point_prompt(args, image_hw):
-    """(PointPrompt | None, point map [H,W] | None) from --points / --point-mask / --point-map."""
-    given = [flag for flag in ("points", "point_mask", "point_map") if getattr(args, flag)]
-    if len(given) > 1:
-        raise InputError(f"give only one of --points, --point-mask and --point-map (got {len(given)})")
-    if args.points:
-        text = _text_or_file(args.points, "--points")
-        warn_negative_points(args.negative_points or "")
-        points_px = to_pixel_coords(parse_points(text), image_hw[1], image_hw[0], args.points_space)
-        return PointPrompt(points_px, None, args.point_mode, args.point_sigma, args.point_radius), None
-    if args.point_mask:
-        mask = _read_map(args.point_mask, image_hw, "point_mask")
-        return PointPrompt(None, mask, "mask", args.point_sigma), None
-    if args.point_map:
-        return None, _read_map(args.point_map, image_hw, "point_map")
-    return None, None
-
-
-def _text_or_file(value: str, flag: str) -> str:
-    """``value`` itself, or the text of the file it names. JSON too long for a file name is JSON, not an error."""
-    try:
-        is_file = Path(value).is_file()
-    except (OSError, ValueError):  # ENAMETOOLONG, NUL characters
-        is_file = False
-    if not is_file:
-        return value
-    try:
-        return Path(value).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{flag} {value}: cannot read the file as UTF-8 text ({exc})") from None
-
-
-def _read_map(path: str, image_hw, key: str) -> np.ndarray:
-    """A map in [0,1] at the image size: a PNG (8 or 16 bit, first channel) or safetensors with ``key`` [H,W]."""
-    if path.endswith(".safetensors"):
-        values = _read_tensor_file(path, key).float().numpy()
-        while values.ndim > 2 and values.shape[0] == 1:  # tolerate [1,H,W] and [1,1,H,W]
-            values = values[0]
-    else:
-        with reading_picture(path) as img:
-            raw = np.asarray(img)
-        if raw.ndim == 3:
-            raw = raw[..., 0]
-        values = raw.astype(np.float32) / (65535.0 if raw.dtype == np.uint16 else 255.0)
-    if values.shape != tuple(image_hw):
-        size = f"{values.shape[1]}x{values.shape[0]}" if values.ndim == 2 else f"of shape {list(values.shape)}"
-        raise InputError(f"{path} is {size}, the image is {image_hw[1]}x{image_hw[0]} (width x height); they must "
-                         f"match")
-    return values
-
-
-def _read_tensor_file(path: str, key: str) -> torch.Tensor:
-    tensors = load_state_dict(path)
-    if key not in tensors:
-        raise InputError(f"{path} has no tensor {key!r}; it has {sorted(tensors)[:8]}")
-    return tensors[key]
-
-
-def _output_writers(args, result: Perception) -> dict:
-    """``{path: write(temp path)}`` of --out (and --raw), for ``publish``."""
-    writers = {args.out: lambda tmp: _save_view(tmp, args, result)}
-    if args.raw:
-        # The algorithm's stages, all on the processing grid like the reference's own tensors.
-        raw = {"velocity": result.velocity, "latent": result.latent, "decoded": result.decoded,
-               "output": result.postprocessed}
-        if result.point_map is not None:
-            raw["point_map"] = result.point_map
-        raw = {key: value.detach().cpu().contiguous() for key, value in raw.items()}
-        writers[args.raw] = lambda tmp: save_file(raw, tmp, metadata=_raw_metadata(args))
-    return writers
-
-
-def _raw_metadata(args) -> dict[str, str]:
-    keys = ("task", "steps", "seed", "resize", "resolution", "dtype", "time_embedding")
-    return {"e2p.args": json.dumps({key: getattr(args, key) for key in keys})}
-
-
-def _save_view(path: str, args, result: Perception) -> None:
-    """The user-facing map: depth with the chosen polarity, normals in the chosen convention, or alpha.
-
-    ``path`` is the staged temp file; the format comes from the final name ``args.out``.
-    """
-    as_npy = args.out.lower().endswith(".npy")
-    write_map(path, output_view(args, result.output[0], as_npy), as_npy)
-
-
-def output_view(args, output: torch.Tensor, as_npy: bool) -> np.ndarray:
-    """One frame's output [C,H,W] as the map --out holds: [H,W] depth or alpha, [H,W,3] normals."""
-    if args.task == "depth":
-        return depth_hint(output, args.depth_polarity)[0].numpy()  # [H,W]
-    if args.task == "normal":
-        normals = normals_to_convention(output[None], args.normal_convention)[0]
-        return (normals if as_npy else normals_to_rgb01(normals)).permute(1, 2, 0).numpy()
-    return output[0].numpy()
 
 
 # ------------------------------------------------------------------------------------------------------- convert

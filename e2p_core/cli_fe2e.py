@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import load_state_dict
+from .cli_inputs import read_tensor_file
 from .cli_models import device_and_dtype, lora_arg
 from .cli_outputs import publish, write_map
 from .connector import load_prompt_cache
@@ -36,8 +36,8 @@ def predict_fe2e(args: argparse.Namespace) -> None:
     _check_arguments(args)
     image = load_image_rgb(args.image)
     cache = load_prompt_cache(args.prompt_cache)
-    noise = _read_tensor(args.noise, "noise") if args.noise else None
-    encode_noise = _read_tensor(args.encode_noise, "eps") if args.encode_noise else None
+    noise = read_tensor_file(args.noise, "noise").float() if args.noise else None
+    encode_noise = read_tensor_file(args.encode_noise, "eps").float() if args.encode_noise else None
     device, dtype = device_and_dtype(args)
 
     fill_fe2e_paths(args)
@@ -106,13 +106,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
     args.seed = DEFAULT_SEED if args.seed is None else args.seed
     args.resize = args.resize or "reference"
     args.resolution = "buckets" if args.resolution is None else args.resolution
-
-
-def _read_tensor(path: str, key: str) -> torch.Tensor:
-    tensors = load_state_dict(path)
-    if key not in tensors:
-        raise InputError(f"{path} has no tensor {key!r}; it has {sorted(tensors)[:8]}")
-    return tensors[key].float()
 
 
 def _write_outputs(args: argparse.Namespace, result: Fe2ePerception) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli_outputs import publish, write_map
+from .cli_outputs import output_view, publish, write_map
 from .errors import InputError
 from .images import load_image_rgb
 from .pipeline import PointPrompt
@@ -160,8 +160,6 @@ def _grow(path: Path, old, hw, frames: int):
 
 def _write_frame(path: Path, args, output: torch.Tensor) -> None:
     """One frame's user-facing map (as ``predict``'s --out), written atomically."""
-    from .cli import output_view
-
     as_npy = path.suffix == ".npy"
     view = output_view(args, output, as_npy)
     publish({str(path): lambda temp: write_map(temp, view, as_npy)})

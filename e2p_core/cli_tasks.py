@@ -17,7 +17,8 @@ import logging
 from pathlib import Path
 
 from .cli_models import device_and_dtype, load_codec, load_denoiser, prompt_embeddings
-from .cli_outputs import check_output_path, publish
+from .cli_inputs import point_prompt, read_tensor_file
+from .cli_outputs import check_output_path, output_writers, publish
 from .cli_sequence import is_sequence
 from .errors import InputError
 from .hub.command import fill_model_paths
@@ -59,8 +60,6 @@ def task_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
 
 def predict_tasks(runs: list[argparse.Namespace]) -> None:
     """Run every task of ``runs`` (from :func:`task_runs`) on one image and one encode of it."""
-    from .cli import _output_writers, _point_prompt, _read_tensor_file
-
     shared, tasks = runs[0], ",".join(run.task for run in runs)  # shared: the options all tasks have in common
     if is_sequence(shared.image) or shared.tiles not in (None, "0"):
         raise InputError(f"--task {tasks}: several tasks run on one image without --tiles; run a folder, a video or "
@@ -71,10 +70,10 @@ def predict_tasks(runs: list[argparse.Namespace]) -> None:
         raise InputError(f"--task {tasks}: two tasks would get the same --prompt-embeds; give each task its own as "
                          f"TASK=FILE (or none: the task prompts come from the cache)")
     image = load_image_rgb(shared.image)
-    points, point_map = _point_prompt(shared, image.shape[:2])
+    points, point_map = point_prompt(shared, image.shape[:2])
     if (points is not None or point_map is not None) and not any(TASKS[run.task].uses_point_map for run in runs):
         raise InputError(f"a point prompt is for matting, and --task {tasks} has no matting")
-    noise = _read_tensor_file(shared.noise, "noise") if shared.noise else None
+    noise = read_tensor_file(shared.noise, "noise") if shared.noise else None
     device, dtype = device_and_dtype(shared)
     prompts = [prompt_embeddings(run, device, dtype) for run in runs]
     for run in runs:  # every model file on disk (downloaded if missing) before any model loads; one VAE for all
@@ -95,7 +94,7 @@ def predict_tasks(runs: list[argparse.Namespace]) -> None:
             encoded=encoded, on_step=lambda i, n: logger.info("step %d/%d", i + 1, n),
         )
         del denoiser  # one DiT in memory at a time: this one goes before the next task's loads
-        writers.update(_output_writers(run, result))
+        writers.update(output_writers(run, result))
     publish(writers)
 
 
