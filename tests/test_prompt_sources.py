@@ -20,6 +20,7 @@ from comfy_support import comfy_root
 from conftest import FIXTURES, load_run
 from e2p_core import cli_models, text_encoders
 from e2p_core.cli import build_parser, main
+from e2p_core.cli_tasks import task_runs
 from e2p_core.errors import HubError
 from e2p_core.hub import MODEL_FILES, TOKENIZER_KEYS
 from e2p_core.prompts import PromptEmbeddings, load_prompt_embeddings, save_prompt_embeddings
@@ -69,8 +70,10 @@ def predict_args(tmp_path, dit_config_file, *extra: str) -> list[str]:
 
 
 def prompt_args(tmp_path, *extra: str):
-    return build_parser().parse_args(["predict", "--task", "depth", "--image", "x.png", "--out", "x.png",
-                                      "--cache-dir", str(tmp_path / "prompt_cache"), *extra])
+    """The options of predict's one depth run, as ``predict`` hands them to ``prompt_embeddings``."""
+    (run,) = task_runs(build_parser().parse_args(["predict", "--task", "depth", "--image", "x.png", "--out", "x.png",
+                                                  "--cache-dir", str(tmp_path / "prompt_cache"), *extra]))
+    return run
 
 
 def test_zero_config_predict_encodes_the_prompt_once_then_runs_from_the_cache(

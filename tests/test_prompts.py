@@ -398,11 +398,12 @@ def test_embed_prompts_cli_writes_one_file_per_task(encoders: TinyEncoders, tmp_
 def test_predict_encodes_its_prompt_once_through_the_cache(encoders: TinyEncoders, tmp_path: Path, monkeypatch) -> None:
     """``predict --text-encoders`` with a cache dir: the second run reads the cache (T5 is loaded once, ever)."""
     from e2p_core import cli, cli_models
+    from e2p_core.cli_tasks import task_runs
 
     calls = _count_encodings(monkeypatch)
-    args = cli.build_parser().parse_args(["predict", "--task", "normal", "--dit", "x", "--vae", "y", "--image", "z",
-                                          "--out", "o.png", "--text-encoders", str(encoders.folder),
-                                          "--cache-dir", str(tmp_path), "--dtype", "fp32", "--device", "cpu"])
+    (args,) = task_runs(cli.build_parser().parse_args([
+        "predict", "--task", "normal", "--dit", "x", "--vae", "y", "--image", "z", "--out", "o.png",
+        "--text-encoders", str(encoders.folder), "--cache-dir", str(tmp_path), "--dtype", "fp32", "--device", "cpu"]))
     first = cli_models.prompt_embeddings(args, torch.device("cpu"), torch.float32)
     second = cli_models.prompt_embeddings(args, torch.device("cpu"), torch.float32)
     assert len(calls) == 1 and calls[0] == [NORMAL]
