@@ -100,7 +100,7 @@ def main() -> None:
     def video(den, cod, temporal):
         outputs = torch.cat([one(den, cod, images=clip[i:i + 4]).output for i in range(0, len(clip), 4)])
         if temporal:
-            align_depth_video(outputs, "aligned")
+            align_depth_video(outputs, "aligned", images=clip)  # frames matched by optical flow
 
     print(f"Feature costs, tiny model, {width}x{height} frames at processing size {resolution}, CPU "
           f"({torch.get_num_threads()} threads)\n")

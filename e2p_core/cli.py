@@ -145,7 +145,7 @@ def _predict_frames(args: argparse.Namespace) -> None:
     if sequence:
         logger.info("wrote %d frames to %s", write_sequence(args, outputs), args.out)
         return
-    ((_, output),) = outputs
+    ((_, _, output),) = outputs
     as_npy = args.out.lower().endswith(".npy")
     publish({args.out: lambda tmp: write_map(tmp, output_view(args, output, as_npy), as_npy)})
 
@@ -256,12 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "processing size), or 0 (off, default)")
     p.add_argument("--temporal", choices=("aligned", "independent"), default="aligned",
                    help="depth of a folder or video: aligned co-aligns every frame's scale and shift to its "
-                        "neighbours (no flicker) and normalises the clip once (default); independent = per frame")
+                        "neighbours, matched by optical flow (no flicker), and normalises the clip once (default); "
+                        "independent = per frame")
     p.add_argument("--temporal-window", type=int, default=TemporalOptions.window,
                    help="frames each frame is aligned to (default %(default)s)")
     p.add_argument("--temporal-horizon", type=int, default=TemporalOptions.horizon,
-                   help="frames on each side whose mean normalisation anchors the alignment (default %(default)s; "
-                        "0 = the chain alone)")
+                   help="frames on each side whose (Gaussian-weighted) mean normalisation anchors the alignment "
+                        "(default %(default)s; 0 = the chain alone)")
     p.add_argument("--chunk-size", type=int, default=4, help="frames per model call for folders and videos")
     p.add_argument("--sequence-format", choices=("png", "npy"), default="png",
                    help="file type of each frame of a folder or video output")

@@ -92,9 +92,10 @@ def tile_count(tiles: str | None, image_hw: tuple[int, int], resolution) -> int:
 
 def predict_frames(run, frames: Iterator[tuple[str, np.ndarray]], task: str, tiles: str | None, resolution,
                    chunk_size: int, *, points: PointPrompt | None = None, point_map: np.ndarray | None = None
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, output [C,H,W]) of every frame; ``run(images, points, point_map)`` is ``perceive`` bound to a model.
-    A matting prompt (``points`` or ``point_map``, in the frame's pixels) belongs to a single image."""
+                   ) -> Iterator[tuple[str, np.ndarray, torch.Tensor]]:
+    """(name, image uint8 [H,W,3], output [C,H,W]) of every frame; ``run(images, points, point_map)`` is ``perceive``
+    bound to a model. A matting prompt (``points`` or ``point_map``, in the frame's pixels) belongs to a single
+    image."""
     for chunk in chunks(frames, chunk_size):
         names = [name for name, _ in chunk]
         count = tile_count(tiles, chunk[0][1].shape[:2], resolution)
@@ -106,17 +107,18 @@ def predict_frames(run, frames: Iterator[tuple[str, np.ndarray]], task: str, til
                        for _, image in chunk]
         else:
             outputs = list(run(np.stack([image for _, image in chunk]), points, point_map).output)
-        yield from zip(names, outputs)
+        yield from zip(names, (image for _, image in chunk), outputs)
 
 
-def write_sequence(args, outputs: Iterator[tuple[str, torch.Tensor]]) -> int:
-    """Write every frame into the folder ``args.out``; depth with ``--temporal aligned`` is co-aligned first."""
+def write_sequence(args, outputs: Iterator[tuple[str, np.ndarray, torch.Tensor]]) -> int:
+    """Write every frame into the folder ``args.out``; depth with ``--temporal aligned`` is co-aligned first (frames
+    matched through the optical flow of their images)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ".npy" if args.sequence_format == "npy" else ".png"
     if args.task != "depth" or args.temporal == "independent":
         count = 0
-        for name, output in outputs:
+        for name, _, output in outputs:
             _write_frame(out / f"{name}{suffix}", args, output)
             count += 1
         return count
@@ -136,9 +138,9 @@ def write_sequence(args, outputs: Iterator[tuple[str, torch.Tensor]]) -> int:
             clip_range.update(torch.from_numpy(spill[frame.index].astype(np.float32)))  # the range of what is kept
 
     try:
-        for name, output in outputs:
+        for name, image, output in outputs:
             names.append(name)
-            keep(aligner.push(output))
+            keep(aligner.push(output, image))
         keep(aligner.flush())
         for index, name in enumerate(names):
             depth = clip_range.normalize(torch.from_numpy(spill[index].astype(np.float32))[None])

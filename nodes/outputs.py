@@ -31,8 +31,8 @@ def depth_outputs(prediction: Prediction, polarity: str = "near_white", normaliz
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hint IMAGE in ``polarity``, depth MASK with near = 0, colour preview IMAGE with near = red)."""
     prediction.expect("depth")
-    if normalization == "temporal":  # co-align the frames of a video, then one range for the clip
-        depth_affine01 = align_depth_video(prediction.output, "aligned")  # [B,1,H,W], near = 0
+    if normalization == "temporal":  # co-align the frames of a video (matched by optical flow), one range for the clip
+        depth_affine01 = align_depth_video(prediction.output, "aligned", images=prediction.images)  # [B,1,H,W]
     else:
         depth_affine01 = normalize_depth(prediction.output, normalization)  # [B,1,H,W], near = 0
     hint = depth_hint(depth_affine01, polarity)
@@ -63,7 +63,8 @@ NORMALIZATION_INPUT = (list(DEPTH_NORMALIZATIONS), {
     "default": "none",
     "tooltip": "Stretch depth to 0..1: 'none' keeps the model's own range (already normalised, flicker-free); "
                "'minmax' / 'percentile' (2..98%) per frame; 'sequence' one range for the whole batch (videos); "
-               "'temporal' co-aligns every frame's scale and shift to its neighbours first (flicker-free videos)."})
+               "'temporal' co-aligns every frame's scale and shift to its neighbours first, matching them through "
+               "the optical flow of the frames (flicker-free videos)."})
 CONVENTION_INPUT = (list(NORMAL_CONVENTIONS), {
     "default": "controlnet_bae",
     "tooltip": "Normal axes in RGB: controlnet_bae = R +x left, G +y up, B +z toward the camera (ControlNet "

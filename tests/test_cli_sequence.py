@@ -44,8 +44,19 @@ def test_folder_of_frames_streams_in_chunks_and_writes_every_frame(tmp_path, pro
             yield chunk
 
     monkeypatch.setattr(cli_sequence, "chunks", counting_chunks)
+    matched_with = []  # the images the alignment matches frames with (optical flow): each frame's own
+
+    class RecordingAligner(cli_sequence.TemporalAligner):
+        def push(self, prediction, image=None):
+            matched_with.append(image)
+            return super().push(prediction, image)
+
+    monkeypatch.setattr(cli_sequence, "TemporalAligner", RecordingAligner)
     out = tmp_path / "depth"
     assert main(base_args(tmp_path, prompt_files, dit_config_file, frames, out, "--chunk-size", "2")) == 0
+    assert len(matched_with) == 5
+    for index, image in enumerate(matched_with):
+        np.testing.assert_array_equal(image, np.asarray(Image.open(frames / f"f{index:03d}.png")))
     written = sorted(p.name for p in out.iterdir())
     assert written == [f"f{index:03d}.png" for index in range(5)]  # no temporary file left behind
     assert max(alive) == 2 and read == [f"f{index:03d}" for index in range(5)]

@@ -1,10 +1,15 @@
 """Temporal alignment of video depth (e2p_core.video) on a synthetic clip whose truth is known exactly.
 
-The procedural scene of train_support.synthetic is filmed along a camera path (exact depth, intrinsics, poses). A
-stand-in perceiver returns each frame's true sqrt-depth, normalised like a training target, under a random per-frame
-scale and shift (compressions the model's [0,1] range allows) plus noise, clipped to [0,1]; the "noise-only"
-stand-in is the same without the per-frame scale and shift. Predictions are scored as Video Depth Anything does: one
-per-clip scale/shift alignment in sqrt-depth space, then per-frame AbsRel and TAE (reprojection with the true poses).
+The procedural scene of train_support.synthetic is filmed along a camera path (exact depth, intrinsics, poses, and
+the rendered RGB frames the aligner matches by optical flow). A stand-in perceiver returns each frame's true
+sqrt-depth, normalised like a training target, plus noise, under a random per-frame scale and shift (compressions
+the model's [0,1] range allows), clipped to [0,1]; the "noise-only" stand-in is the same without the per-frame scale
+and shift. The noise is added BEFORE the per-frame scale and shift: it stands for the model's own error, which lives
+in its normalised output and is compressed with it. (Added after, a frame compressed by s carries noise 1/s times
+larger once its scale is undone, so even the exact per-frame inverse would score E[1/s] = 1.28x the noise-only
+AbsRel, and the issue's 1.2x could not be met by any per-frame alignment.) Predictions are scored as Video Depth
+Anything does: one per-clip scale/shift alignment in sqrt-depth space, then per-frame AbsRel and TAE (reprojection
+with the true poses).
 """
 
 import numpy as np
@@ -14,6 +19,8 @@ import torch
 from e2p_core.alignment import align_scale_shift, fit_scale_shift, fit_scale_shift_symmetric
 from e2p_core.metrics import temporal_alignment_error
 from e2p_core.targets import depth_from_space, depth_to_space
+from e2p_core import video as video_module
+from e2p_core.flow import FlowMatcher, Track, grey_at
 from e2p_core.video import (
     TemporalAligner,
     TemporalOptions,
@@ -29,7 +36,7 @@ MAX_COMPRESSION = 0.4  # per-frame scale in [0.6, 1], the shift keeps the conten
 
 @pytest.fixture(scope="module")
 def clip():
-    video = synthetic_video(SIZE_HW, 300, seed=3)
+    video = synthetic_video(SIZE_HW, 300, seed=3, with_images=True)  # DIS flow still works at 48x36
     sqrt_depth = depth_to_space(torch.from_numpy(video["depth_m"]).double())  # [T,H,W]
     low, high = np.percentile(sqrt_depth.numpy(), [2, 98])
     target01 = (sqrt_depth - low) / (high - low)  # the clip's true normalisation: near = 0
@@ -37,12 +44,13 @@ def clip():
     noise = torch.from_numpy(rng.normal(0, NOISE, target01.shape))
     scale = rng.uniform(1 - MAX_COMPRESSION, 1, len(target01))
     shift = rng.uniform(-(1 - scale) / 2, (1 - scale) / 2)
-    per_frame = torch.from_numpy(scale)[:, None, None] * (target01 - 0.5) + 0.5 + torch.from_numpy(shift)[:, None, None]
+    per_frame = torch.from_numpy(scale)[:, None, None] * (target01 + noise - 0.5) + 0.5 \
+        + torch.from_numpy(shift)[:, None, None]
     return {
         **video,
         "sqrt_depth": sqrt_depth,
         "noise_only": (target01 + noise).clamp(0, 1).float()[:, None],  # [T,1,H,W]
-        "independent": (per_frame + noise).clamp(0, 1).float()[:, None],
+        "independent": per_frame.clamp(0, 1).float()[:, None],
     }
 
 
@@ -70,20 +78,85 @@ def test_tae_sees_the_true_motion(clip):
 def test_aligned_clip_cuts_flicker_five_fold_and_stays_near_the_noise(clip):
     frames = slice(0, 120)
     independent = clip["independent"][frames]
-    aligned = align_depth_video(independent, "aligned")
+    aligned = align_depth_video(independent, "aligned", images=clip["image"][frames])
     abs_rel_noise, tae_noise, _ = clip_scores(clip, clip["noise_only"][frames], frames)
     abs_rel_independent, tae_independent, _ = clip_scores(clip, independent, frames)
     abs_rel_aligned, tae_aligned, _ = clip_scores(clip, aligned, frames)
     assert tae_independent >= 5 * tae_aligned, (tae_independent, tae_aligned, tae_noise)
     assert abs_rel_aligned < abs_rel_independent / 3
-    # The issue asks for 1.2x of the noise alone; this algorithm reaches 1.95x on this clip (see README).
-    assert abs_rel_aligned <= 2.2 * abs_rel_noise, (abs_rel_aligned, abs_rel_noise)
+    # The issue asks for 1.2x of the noise alone. Flow-matched alignment reaches 1.54x on this clip: what is left is
+    # the camera's push toward the wall, which an affine fit cannot tell from the ambiguity (see e2p_core.video), and
+    # the re-anchoring's noise. A still camera reaches 1.2-1.3x, sideways motion alone 1.2-1.5x (README).
+    assert abs_rel_aligned <= 1.6 * abs_rel_noise, (abs_rel_aligned, abs_rel_noise)
+    # matching through the optical flow is what the images are for: matching the same pixel does worse here
+    abs_rel_same_pixel, _, _ = clip_scores(clip, align_depth_video(independent, "aligned"), frames)
+    assert abs_rel_aligned < 0.95 * abs_rel_same_pixel, (abs_rel_aligned, abs_rel_same_pixel)
 
 
 def test_a_300_frame_clip_does_not_drift(clip):
-    aligned = align_depth_video(clip["independent"], "aligned")
+    aligned = align_depth_video(clip["independent"], "aligned", images=clip["image"])
     _, _, per_frame = clip_scores(clip, aligned)
     assert per_frame[-30:].mean() <= 1.5 * per_frame[:30].mean(), (per_frame[:30].mean(), per_frame[-30:].mean())
+
+
+def panning_clip(count: int, step_px: int, size_hw=(48, 64)):
+    """A camera panning over a textured, sloped wall: (image uint8 [H,W,3], true depth-like values [1,H,W]) per
+    frame, frame i seeing the canvas from column i * step_px (new pixel (r, c) was (r, c + step_px) a frame ago)."""
+    height, width = size_hw
+    rng = np.random.default_rng(0)
+    texture = torch.from_numpy(rng.random((1, 1, height // 4, (width + count * step_px) // 4)))
+    canvas = torch.nn.functional.interpolate(texture, scale_factor=4, mode="bicubic")[0, 0].clamp(0, 1)
+    slope = torch.linspace(0.1, 0.9, canvas.shape[1]).expand(height, -1) \
+        + torch.linspace(0, 0.05, height)[:, None]  # depth changes across the pan
+    frames = []
+    for index in range(count):
+        columns = slice(index * step_px, index * step_px + width)
+        image = (canvas[:, columns, None].expand(-1, -1, 3) * 255).round().to(torch.uint8).numpy()
+        frames.append((image, slope[None, :, columns].float()))
+    return frames
+
+
+def test_flow_tracks_pixels_through_a_pan_and_drops_what_left_the_view():
+    """Step by step (3 px a frame), the newest frame's pixels are followed 12 px back into the first frame, further
+    than DIS matches two frames directly at this size; columns that entered the view on the way are lost."""
+    frames = panning_clip(5, 3)
+    greys = [grey_at(image, (48, 64), 1) for image, _ in frames]
+    matcher = FlowMatcher()
+    track = Track.identity((48, 64))  # the first frame in itself
+    for before, new in zip(greys, greys[1:]):
+        track = matcher.extend(track, matcher.step(new, before))
+    first_values = frames[0][1][0]
+    values, seen = track.sample(first_values, torch.ones(48, 64, dtype=torch.bool))
+    assert not seen[:, -12:].any()
+    assert seen[4:-4, 4:-16].float().mean() > 0.9
+    torch.testing.assert_close(values[seen], frames[-1][1][0][seen], atol=0.01, rtol=0)
+
+
+def test_images_let_the_chain_follow_a_pan():
+    """A pan changes the depth at every pixel: with the images the chain (horizon 0) still recovers the true values;
+    matched at the same pixel, it fits the pan into the scale and shift."""
+    frames = panning_clip(12, 2)
+    rng = np.random.default_rng(1)
+    affine = [(1.0, 0.0)] + [(rng.uniform(0.6, 1), rng.uniform(-0.1, 0.1)) for _ in frames[1:]]
+    options = TemporalOptions(horizon=0, fit_side=64)
+    errors = {}
+    for matching in ("flow", "same pixel"):
+        aligner = TemporalAligner(options)
+        chained = [aligned for (image, truth), (scale, shift) in zip(frames, affine)
+                   for aligned in aligner.push(truth * scale + shift, image if matching == "flow" else None)]
+        errors[matching] = max(float((frame.depth - truth).abs().mean()) for frame, (_, truth) in zip(chained, frames))
+    assert errors["flow"] < 0.01 and errors["same pixel"] > 5 * errors["flow"], errors
+
+
+def test_without_opencv_frames_are_matched_at_the_same_pixel(monkeypatch):
+    frames = panning_clip(4, 2)
+    monkeypatch.setattr(video_module, "flow_available", lambda: False)
+    aligner, same_pixel = TemporalAligner(TemporalOptions(horizon=0)), TemporalAligner(TemporalOptions(horizon=0))
+    with pytest.warns(UserWarning, match="OpenCV"):
+        with_images = [f.depth for image, truth in frames for f in aligner.push(truth * 0.8, image)]
+    without = [f.depth for _, truth in frames for f in same_pixel.push(truth * 0.8)]
+    for a, b in zip(with_images, without):
+        torch.testing.assert_close(a, b)
 
 
 def test_independent_keeps_the_per_frame_output():
@@ -98,25 +171,29 @@ def test_aligned_output_is_one_normalisation_for_the_clip_in_0_1():
 
 
 def test_streaming_holds_a_bounded_number_of_frames():
-    """A long clip streams through: the aligner keeps the window and the keyframes at the fit size and only
-    ``horizon`` + 1 full-size frames, and frames come out in order, each once."""
+    """A long clip streams through: the aligner keeps the window and the keyframes (and where the newest frame's
+    pixels are in them) at the fit size, the last image in grey at the fit size, and only ``horizon`` + 1 full-size
+    frames, and frames come out in order, each once."""
     options = TemporalOptions(window=4, keyframes=2, horizon=5, fit_side=16)
     alive = []
 
     def frames():
         for index in range(200):
-            yield torch.full((1, 64, 64), 0.5) + 0.1 * torch.rand(1, 64, 64)
+            image = torch.rand(64, 64, 3)  # a ComfyUI IMAGE frame
+            yield torch.full((1, 64, 64), 0.5) + 0.1 * image[None, :, :, 0], image
             alive.append(len(aligner.waiting))
 
     aligner = TemporalAligner(options)
     emitted = []
-    for frame in frames():
-        emitted.extend(f.index for f in aligner.push(frame))
+    for frame, image in frames():
+        emitted.extend(f.index for f in aligner.push(frame, image))
     emitted.extend(f.index for f in aligner.flush())
     assert emitted == list(range(200))
     assert max(alive) <= options.horizon + 1
     assert len(aligner.window) <= 4 and len(aligner.anchors) <= 2
-    assert max(values.shape[-1] for values, _ in aligner.window) <= 16
+    kept = (*aligner.window, *aligner.anchors)
+    assert max(max(frame.values.shape[-1], frame.track.where.shape[-2]) for frame in kept) <= 16
+    assert aligner.last_grey.shape[-1] <= 16
     # the generator form is lazy: the first aligned frame exists before the last input was read
     consumed = []
     stream = align_depth_frames((consumed.append(i) or torch.rand(1, 8, 8) for i in range(50)), options)
@@ -145,7 +222,7 @@ def test_clipped_pixels_stay_out_of_the_fit():
     assert first.index == 0
     distorted = (truth * 1.6 - 0.1).clamp(0, 1)  # clips the far side
     unclipped = distorted < 1
-    scale, shift = aligner._fit(*aligner._fit_view(distorted), list(aligner.window))
+    scale, shift = aligner._fit(*aligner._fit_view(distorted), [kept.seen_from_newest() for kept in aligner.window])
     torch.testing.assert_close(distorted[unclipped] * scale + shift, truth[unclipped], atol=1e-4, rtol=0)
 
 
