@@ -6,10 +6,11 @@ This module removes that ambiguity frame by frame, in that space, with the model
 
 1. Each new frame is fitted (closed form, the symmetric least-squares line of ``e2p_core.alignment``) to the
    already chained frames of a short window before it. Given the RGB frames, every earlier frame is first brought
-   into the new frame's pixel grid through the optical flow between their small grey images (``e2p_core.flow``:
-   OpenCV's DIS flow, forward-backward checked), so a pan or a sideways move compares the same surface point, not
-   the same pixel; pixels hidden in one of the two frames fail the check and stay out. Without images (or without
-   OpenCV) frames are matched at the same pixel, which is right for a still camera only. Pixels the model clipped
+   into the new frame's pixel grid by optical flow (``e2p_core.flow``: OpenCV's DIS flow between consecutive small
+   grey frames, forward-backward checked, composed into a track of every new pixel back to each kept frame), so a
+   pan or a sideways move compares the same surface point, not the same pixel; pixels hidden on the way or gone
+   out of view stay out. Without images (or without OpenCV) frames are matched at the same pixel, which is right
+   for a still camera only. Pixels the model clipped
    at 0 or 1 carry no depth, so they are left out of every fit, as are the worst-fitting ``TRIMMED`` of a first fit.
 2. Keyframes damp the random walk a chain of pairwise fits accumulates: every ``keyframe_interval``-th chained
    frame is kept, and the last ``keyframes`` of them join every fit.
@@ -22,9 +23,9 @@ This module removes that ambiguity frame by frame, in that space, with the model
    ``tests/test_video.py``. The chain removes the flicker, the mean removes the drift.
 4. One normalisation for the whole clip (:class:`ClipRange`) brings the aligned values back to [0,1], near = 0.
 
-Only the window and the keyframes are kept, at a reduced ``fit_side`` resolution (their grey images too): a clip
-of any length streams through :func:`align_depth_frames` with a bounded state. ``independent`` (no alignment) is today's
-per-frame output.
+Only the window and the keyframes (with their tracks) and the last frame's grey image are kept, at a reduced
+``fit_side`` resolution: a clip of any length streams through :func:`align_depth_frames` with a bounded state.
+``independent`` (no alignment) is today's per-frame output.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ class TemporalAligner:
 
     ``push`` takes frame after frame and returns the frames that are ready (each one waits ``horizon`` frames for
     the average around it); ``flush`` returns the rest at the end of the clip. The state is bounded: the fit window
-    and the keyframes at the fit resolution (values, unclipped mask, grey image), and ``horizon`` + 1 full-size
-    predictions waiting to be emitted.
+    and the keyframes at the fit resolution (values, unclipped mask, track), the last grey image, and ``horizon`` + 1
+    full-size predictions waiting to be emitted.
     """
 
     def __init__(self, options: TemporalOptions | None = None):
