@@ -5,7 +5,6 @@ The model is the tiny fixture DiT through the pack's loader, the VAE and the FLU
 size (tests/comfy_support). Expected values are computed by hand or by running the pieces separately.
 """
 
-import json
 import logging
 import shutil
 import subprocess
@@ -14,10 +13,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from comfy_support import REPO, load_pack, tiny_flux_clip, tiny_flux_vae, use_model_folders
+from comfy_support import REPO, load_pack, tiny_e2p_model, tiny_flux_clip, tiny_flux_vae, use_model_folders
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, TINY_DIT_CONFIG
+from conftest import FIXTURES
 
 pack = load_pack()
 import comfy.model_management  # noqa: E402
@@ -25,7 +24,6 @@ import comfy.utils  # noqa: E402
 from e2p_pack.e2p_core.errors import CheckpointError, InputError  # noqa: E402
 from e2p_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 from e2p_pack.nodes.conditioning import E2PTaskConditioning  # noqa: E402
-from e2p_pack.nodes.loader import load_e2p_model  # noqa: E402
 from e2p_pack.nodes.outputs import E2PDepthOutput, E2PMatteOutput, E2PNormalOutput  # noqa: E402
 from e2p_pack.nodes.perceive import E2PPerceive, run_perceive  # noqa: E402
 from e2p_pack.nodes.point_prompt import E2PPointPrompt  # noqa: E402
@@ -44,10 +42,7 @@ def folders(tmp_path, prompt_files):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dit")
-    path = shutil.copy(FIXTURES / "dit_bfl.safetensors", folder)
-    (folder / "dit_bfl.json").write_text(json.dumps(TINY_DIT_CONFIG))
-    return load_e2p_model(path)
+    return tiny_e2p_model(tmp_path_factory.mktemp("dit"))
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,14 @@
 """The video and high-resolution features through the nodes: the depth output's 'temporal' normalisation and the
 perceive node's tiles (real ComfyUI modules, tiny fixture DiT, tiny Flux VAE)."""
 
-import json
 import shutil
 
 import pytest
 import torch
-from comfy_support import load_pack, tiny_flux_vae, use_model_folders
+from comfy_support import load_pack, tiny_e2p_model, tiny_flux_vae, use_model_folders
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, TINY_DIT_CONFIG
+from conftest import FIXTURES
 
 pack = load_pack()
 import comfy.utils  # noqa: E402
@@ -18,7 +17,6 @@ from e2p_pack.e2p_core.tiling import plan_tiles  # noqa: E402
 from e2p_pack.e2p_core.video import align_depth_video  # noqa: E402
 from e2p_pack.nodes import outputs as outputs_module  # noqa: E402
 from e2p_pack.nodes.conditioning import E2PTaskConditioning  # noqa: E402
-from e2p_pack.nodes.loader import load_e2p_model  # noqa: E402
 from e2p_pack.nodes.outputs import E2PDepthOutput  # noqa: E402
 from e2p_pack.nodes.perceive import run_perceive  # noqa: E402
 from e2p_pack.nodes.prediction import Prediction  # noqa: E402
@@ -26,10 +24,7 @@ from e2p_pack.nodes.prediction import Prediction  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dit")
-    path = shutil.copy(FIXTURES / "dit_bfl.safetensors", folder)
-    (folder / "dit_bfl.json").write_text(json.dumps(TINY_DIT_CONFIG))
-    return load_e2p_model(path)
+    return tiny_e2p_model(tmp_path_factory.mktemp("dit"))
 
 
 @pytest.fixture

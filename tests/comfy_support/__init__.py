@@ -13,7 +13,10 @@
   copy of ``e2p_core``: compare against ``e2p_pack.e2p_core.errors.InputError``, not ``e2p_core.errors.InputError``.
 """
 
+import importlib
 import importlib.util
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,6 +77,16 @@ def use_model_folders(root: Path) -> dict[str, Path]:
         folder_paths.folder_names_and_paths[key] = ([str(folders[key])], extensions)
     folder_paths.filename_list_cache.clear()
     return folders
+
+
+def tiny_e2p_model(folder: Path):
+    """The fixture's tiny DiT, copied into ``folder`` with its config beside it, through the pack's loader (a MODEL)."""
+    from conftest import FIXTURES, TINY_DIT_CONFIG
+
+    path = shutil.copy(FIXTURES / "dit_bfl.safetensors", folder)
+    (folder / "dit_bfl.json").write_text(json.dumps(TINY_DIT_CONFIG))
+    load_pack()
+    return importlib.import_module(f"{PACK_NAME}.nodes.loader").load_e2p_model(path)
 
 
 def tiny_flux_vae(state_dict_bfl: dict[str, torch.Tensor]):
