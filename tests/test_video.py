@@ -3,12 +3,17 @@
 The procedural scene of train_support.synthetic is filmed along a camera path (exact depth, intrinsics, poses, and
 the rendered RGB frames the aligner matches by optical flow). A stand-in perceiver returns each frame's true
 sqrt-depth, normalised like a training target, plus its error, under a random per-frame scale and shift (compressions
-the model's [0,1] range allows), clipped to [0,1]; the "noise-only" stand-in is the same without the per-frame scale
-and shift. The error is added BEFORE the per-frame scale and shift: it stands for the model's own error, which lives
-in its normalised output and is compressed with it. (Added after, a frame compressed by s carries an error 1/s times
-larger once its scale is undone, so even the exact per-frame inverse would score E[1/s] = 1.28x the noise-only
-AbsRel.) Predictions are scored as Video Depth Anything does: one per-clip scale/shift alignment in sqrt-depth space,
-then per-frame AbsRel and TAE (reprojection with the true poses).
+the model's [0,1] range allows), clipped to [0,1]. The error is added BEFORE the per-frame scale and shift: it stands
+for the model's own error, which lives in its normalised output and is compressed with it. (Added after, a frame
+compressed by s carries an error 1/s times larger once its scale is undone, so even the exact per-frame inverse would
+score E[1/s] = 1.28x the noise-only AbsRel.) Predictions are scored as Video Depth Anything does: one per-clip
+scale/shift alignment in sqrt-depth space, then per-frame AbsRel and TAE (reprojection with the true poses).
+
+Two references for "what the noise alone gives": ``noise_only``, the issue's words (the stand-in without the
+per-frame scale and shift), and ``undone``, the stand-in's own frames with their scale and shift undone exactly (a
+perfect alignment). They differ only where values were clipped: ``noise_only`` clips the error at the truth's own
+[0,1], which pulls the nearest pixels (those AbsRel weighs most) back toward the truth, a help no alignment of the
+compressed frames can have; on a still camera that alone makes a perfect alignment score 1.2x ``noise_only``.
 
 Two stand-ins, differing in their error:
 
@@ -16,14 +21,14 @@ Two stand-ins, differing in their error:
   shown nearly the same image in the next frame misjudges a surface the same way, so this part is a smooth random
   field over the scene's surfaces (plane waves of about 0.8 m in world space, std ``SURFACE_ERROR``), carried along
   with them as the camera moves; a small per-frame jitter (std ``JITTER``, every pixel on its own) comes on top. Its
-  noise-only AbsRel (3.4 %) is below what the best published zero-shot models reach on NYUv2 (Depth Anything V2:
-  4.5 %, Marigold: 5.5 %), so the target "1.2x the noise alone" is no easier here than for a real model.
+  noise-only AbsRel (about 3 %) is below what the best published zero-shot models reach on NYUv2 (Depth Anything V2:
+  4.5 %, Marigold: 5.5 %), so "1.2x the noise alone" is no easier here than for a real model.
 * ``ideal``: the jitter alone, a model four times more accurate than any published one. It shows the alignment's own
   floor: a camera push along the view axis is nearly indistinguishable from the per-frame ambiguity (see
   e2p_core.video), so the re-anchoring leaves a residual of about 1 % of the range, which dominates an error this
-  small. Each criterion of the issue needs its own regime with a jitter-only model: TAE cut 5x needs a jitter below
-  about 1.3 % (the jitter itself counts in TAE and no alignment removes it), while the push's residual stays within
-  1.2x of the noise only above about 2 %.
+  small. With a jitter-only model the issue's targets need opposite regimes: a five-fold TAE cut needs a jitter
+  below about 1.3 % (the jitter itself counts in TAE and no alignment removes it), while the push's residual stays
+  within 1.2x of the noise alone only above about 2 %.
 """
 
 import numpy as np
@@ -73,14 +78,17 @@ def surface_field(points: np.ndarray, rng: np.random.Generator, waves: int = 8) 
 
 
 def stand_in(target01: torch.Tensor, error: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """The stand-in's predictions [T,1,H,W]: ``noise_only`` (truth + error) and ``independent`` (the same under a
-    random per-frame scale and shift), clipped to [0,1]."""
+    """The stand-in's predictions [T,1,H,W], clipped to [0,1]: ``independent`` (truth + error under a random
+    per-frame scale and shift), ``noise_only`` (truth + error: the stand-in without the per-frame scale and shift)
+    and ``undone`` (``independent`` with its per-frame scale and shift undone exactly: what a perfect alignment would
+    give, clipped where ``independent`` was)."""
     scale = rng.uniform(1 - MAX_COMPRESSION, 1, len(target01))
     shift = rng.uniform(-(1 - scale) / 2, (1 - scale) / 2)
-    per_frame = torch.from_numpy(scale)[:, None, None] * (target01 + error - 0.5) + 0.5 \
-        + torch.from_numpy(shift)[:, None, None]
-    return {"noise_only": (target01 + error).clamp(0, 1).float()[:, None],
-            "independent": per_frame.clamp(0, 1).float()[:, None]}
+    scale, shift = (torch.from_numpy(values)[:, None, None] for values in (scale, shift))
+    independent = (scale * (target01 + error - 0.5) + 0.5 + shift).clamp(0, 1).float()
+    return {"independent": independent[:, None],
+            "noise_only": (target01 + error).clamp(0, 1).float()[:, None],
+            "undone": ((independent.double() - 0.5 - shift) / scale + 0.5)[:, None]}
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +146,16 @@ def test_aligned_clip_cuts_flicker_five_fold_and_stays_near_the_noise(clip):
     model = clip["model"]
     independent = model["independent"][frames]
     aligned = align_depth_video(independent, "aligned", images=clip["image"][frames])
-    abs_rel_noise, tae_noise, _ = clip_scores(clip, model["noise_only"][frames], frames)
+    abs_rel_noise, _, _ = clip_scores(clip, model["noise_only"][frames], frames)
+    abs_rel_undone, tae_undone, _ = clip_scores(clip, model["undone"][frames], frames)
     abs_rel_independent, tae_independent, _ = clip_scores(clip, independent, frames)
     abs_rel_aligned, tae_aligned, _ = clip_scores(clip, aligned, frames)
     assert 0.025 < abs_rel_noise < 0.045  # a model as good as the best published ones, or better
-    assert tae_independent >= 5 * tae_aligned, (tae_independent, tae_aligned, tae_noise)
-    # the five-fold cut is bounded by the jitter's own TAE (noise alone: 6.3x here); the alignment gets close to it
-    assert tae_aligned <= 1.1 * tae_noise, (tae_aligned, tae_noise)
+    assert tae_independent >= 5 * tae_aligned, (tae_independent, tae_aligned, tae_undone)
+    # the five-fold cut is bounded by the error's own TAE (a perfect alignment: 6.0x here); the alignment gets close
+    assert tae_aligned <= 1.1 * tae_undone, (tae_aligned, tae_undone)
     assert abs_rel_aligned <= 1.2 * abs_rel_noise, (abs_rel_aligned, abs_rel_noise)
+    assert abs_rel_aligned <= 1.15 * abs_rel_undone, (abs_rel_aligned, abs_rel_undone)  # what the alignment adds
     assert abs_rel_aligned < abs_rel_independent / 3
 
 
@@ -158,16 +168,16 @@ def test_a_300_frame_clip_does_not_drift(clip):
 def test_on_an_ideal_model_the_alignment_floor_shows(clip):
     """The jitter-only stand-in: the flicker goes as completely as with the model's error, but what the alignment
     leaves (the push the chain cannot tell from the ambiguity, the re-anchoring's wobble: about 1 % of the range)
-    is 1.4-1.9x an error this small, depending on the stand-in's draw (1.58x on this one)."""
+    is 1.5-1.7x an error this small, depending on the stand-in's draw (1.59x on this one)."""
     frames = slice(0, 120)
     ideal = clip["ideal"]
     independent = ideal["independent"][frames]
-    abs_rel_noise, tae_noise, _ = clip_scores(clip, ideal["noise_only"][frames], frames)
+    abs_rel_undone, tae_undone, _ = clip_scores(clip, ideal["undone"][frames], frames)
     aligned = align_depth_video(independent, "aligned", images=clip["image"][frames])
     abs_rel_aligned, tae_aligned, _ = clip_scores(clip, aligned, frames)
-    assert abs_rel_noise < 0.015
-    assert tae_aligned <= 1.1 * tae_noise, (tae_aligned, tae_noise)
-    assert abs_rel_aligned <= 2 * abs_rel_noise, (abs_rel_aligned, abs_rel_noise)
+    assert abs_rel_undone < 0.015
+    assert tae_aligned <= 1.1 * tae_undone, (tae_aligned, tae_undone)
+    assert abs_rel_aligned <= 2 * abs_rel_undone, (abs_rel_aligned, abs_rel_undone)
 
 
 def panning_clip(count: int, step_px: int, size_hw=(48, 64)):
