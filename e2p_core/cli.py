@@ -30,7 +30,7 @@ from .checkpoints import (
     vae_diffusers_to_bfl,
     vae_to_diffusers,
 )
-from .cli_inputs import point_prompt, read_tensor_file
+from .cli_inputs import point_prompt
 from .cli_models import (
     DTYPES,
     add_model_arguments,
@@ -41,7 +41,7 @@ from .cli_models import (
     prompt_text,
     resolution_arg,
 )
-from .cli_outputs import check_output_path, output_view, output_writers, publish, write_map
+from .cli_outputs import check_output_path, output_view, publish, write_map
 from .cli_tasks import predict_tasks, task_list, task_runs
 from .errors import E2PError, InputError
 from .evaluation.command import add_evaluate_parser
@@ -67,8 +67,6 @@ def predict(args: argparse.Namespace) -> None:
         if args.per_task:
             raise InputError("TASK=VALUE options belong to Edit2Perceive's --task (--model e2p)")
         return predict_fe2e(args)
-    from .pipeline import perceive
-
     if not args.task:
         raise InputError("--task is required for Edit2Perceive (--model e2p)")
     for flag, value in (("--prompt-cache", args.prompt_cache), ("--out-normal", args.out_normal),
@@ -81,33 +79,14 @@ def predict(args: argparse.Namespace) -> None:
     args.resize = args.resize or "aligned"
     args.resolution = 768 if args.resolution is None else args.resolution
     runs = task_runs(args)
-    if len(runs) > 1:
-        return predict_tasks(runs)  # one encode of the image for every task: e2p_core.cli_tasks
-    args = runs[0]
     from .cli_sequence import is_sequence
 
     if is_sequence(args.image) or args.tiles not in (None, "0"):
-        return _predict_frames(args)
-    # Read and check every input before loading models, so a typo costs nothing and nothing is written.
-    check_output_path(args.out, (".png", ".npy"), "--out")
-    if args.raw:
-        check_output_path(args.raw, (".safetensors",), "--raw")
-    image = load_image_rgb(args.image)
-    points, point_map = point_prompt(args, image.shape[:2])
-    noise = read_tensor_file(args.noise, "noise") if args.noise else None
-    device, dtype = device_and_dtype(args)
-    prompt = prompt_embeddings(args, device, dtype)
-
-    denoiser, codec, source_format = load_model(args, device, dtype)
-    logger.info("DiT %s (%s naming), %s on %s", Path(args.dit).name, source_format, args.dtype, device)
-
-    result = perceive(
-        denoiser, codec, image, args.task, prompt,
-        points=points, point_map=point_map, steps=args.steps, seed=args.seed, noise=noise,
-        resize=args.resize, resolution=args.resolution,
-        on_step=lambda i, n: logger.info("step %d/%d", i + 1, n),
-    )
-    publish(output_writers(args, result))
+        if len(runs) > 1:
+            raise InputError(f"--task {','.join(args.task)}: several tasks run on one image without --tiles; run a "
+                             f"folder, a video or --tiles once per task")
+        return _predict_frames(runs[0])
+    predict_tasks(runs)  # one image: e2p_core.cli_tasks (one encode of the image for every task)
 
 
 def _predict_frames(args: argparse.Namespace) -> None:

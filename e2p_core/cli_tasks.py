@@ -1,4 +1,4 @@
-"""``predict --task depth,normal,matting``: several tasks on one image, with ONE VAE encode of the image.
+"""``predict`` on one image, for one task or several (``--task depth,normal,matting``), with ONE VAE encode of it.
 
 The RGB context latent is the same for every task (one VAE, one preprocessing), so the image is encoded once
 (``pipeline.encode_image``) and every task's ``perceive`` takes that encode. Each task has its own DiT: the base with
@@ -19,7 +19,6 @@ from pathlib import Path
 from .cli_models import device_and_dtype, load_codec, load_denoiser, prompt_embeddings
 from .cli_inputs import point_prompt, read_tensor_file
 from .cli_outputs import check_output_path, output_writers, publish
-from .cli_sequence import is_sequence
 from .errors import InputError
 from .hub.command import fill_model_paths
 from .images import load_image_rgb
@@ -59,11 +58,9 @@ def task_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
 
 
 def predict_tasks(runs: list[argparse.Namespace]) -> None:
-    """Run every task of ``runs`` (from :func:`task_runs`) on one image and one encode of it."""
+    """Run every task of ``runs`` (from :func:`task_runs`: one or more) on one image and one encode of it. Every
+    input is read and checked before a model loads, so a typo costs nothing and writes nothing."""
     shared, tasks = runs[0], ",".join(run.task for run in runs)  # shared: the options all tasks have in common
-    if is_sequence(shared.image) or shared.tiles not in (None, "0"):
-        raise InputError(f"--task {tasks}: several tasks run on one image without --tiles; run a folder, a video or "
-                         f"--tiles once per task")
     _check_outputs(runs)
     prompt_files = [run.prompt_embeds for run in runs if run.prompt_embeds]
     if len(set(prompt_files)) < len(prompt_files):

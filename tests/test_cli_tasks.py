@@ -125,6 +125,7 @@ def test_zero_config_tasks_take_each_tasks_lora_and_matting_its_points(monkeypat
     (["--tiles", "2"], "once per task"),
     (["--image", str(FIXTURES)], "once per task"),
     (["--points", POINTS], "has no matting"),
+    (["--task", "depth", "--out", "{out}/depth.png", "--points", POINTS], "has no matting"),  # one task: the same
     (["--lora", f"matting={LORA}"], "matting is not in --task depth,normal"),
     (["--prompt-embeds", "{prompt}"], "the same --prompt-embeds"),
     (["--model", "fe2e", "--task", None, "--lora", f"depth={LORA}"], "belong to Edit2Perceive"),
