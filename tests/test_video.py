@@ -139,6 +139,17 @@ def test_the_surface_error_moves_with_the_scene(clip):
     a, b = points[0, 10, 10], points[0, 20, 30]
     torch.testing.assert_close(surface_field(np.stack([a, b]), np.random.default_rng(5)),
                                field[0, [10, 20], [10, 30]])
+    # world_points follows the scene: frame 0's points, seen by frame 100's camera, are where frame 100 sees them, to
+    # the rounding to its nearest pixel (half a pixel's footprint: 0.48 here; with the pose 2 frames off, 1.28)
+    intrinsics, camera_from_world = clip["intrinsics"], np.linalg.inv(clip["world_from_camera"][100])
+    start_points = points[0, 4:-4, 4:-4].reshape(-1, 3)
+    seen = start_points @ camera_from_world[:3, :3].T + camera_from_world[:3, 3]
+    pixel = seen @ intrinsics.T
+    cols, rows = (np.rint(pixel[:, k] / pixel[:, 2]).astype(int) for k in (0, 1))
+    inside = (cols >= 0) & (cols < SIZE_HW[1]) & (rows >= 0) & (rows < SIZE_HW[0])
+    distance_m = np.linalg.norm(points[100, rows[inside], cols[inside]] - start_points[inside], axis=-1)
+    footprint_m = seen[inside, 2] / intrinsics[0, 0]
+    assert inside.mean() > 0.5 and np.median(distance_m / footprint_m) < 0.6
 
 
 def test_aligned_clip_cuts_flicker_five_fold_and_stays_near_the_noise(clip):
