@@ -13,7 +13,8 @@ Two references for "what the noise alone gives": ``noise_only``, the issue's wor
 per-frame scale and shift), and ``undone``, the stand-in's own frames with their scale and shift undone exactly (a
 perfect alignment). They differ only where values were clipped: ``noise_only`` clips the error at the truth's own
 [0,1], which pulls the nearest pixels (those AbsRel weighs most) back toward the truth, a help no alignment of the
-compressed frames can have; on a still camera that alone makes a perfect alignment score 1.2x ``noise_only``.
+compressed frames can have; on a still camera that alone makes a perfect alignment score 1.2-1.3x
+``noise_only``.
 
 Two stand-ins, differing in their error:
 
@@ -179,7 +180,7 @@ def test_a_300_frame_clip_does_not_drift(clip):
 def test_on_an_ideal_model_the_alignment_floor_shows(clip):
     """The jitter-only stand-in: the flicker goes as completely as with the model's error, but what the alignment
     leaves (the push the chain cannot tell from the ambiguity, the re-anchoring's wobble: about 1 % of the range)
-    is 1.5-1.7x an error this small, depending on the stand-in's draw (1.59x on this one)."""
+    is 1.4-1.9x an error this small over six draws of the stand-in (1.59x on this one)."""
     frames = slice(0, 120)
     ideal = clip["ideal"]
     independent = ideal["independent"][frames]
