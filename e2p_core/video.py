@@ -10,8 +10,8 @@ This module removes that ambiguity frame by frame, in that space, with the model
    grey frames, forward-backward checked, composed into a track of every new pixel back to each kept frame), so a
    pan or a sideways move compares the same surface point, not the same pixel; pixels hidden on the way or gone
    out of view stay out. Without images (or without OpenCV) frames are matched at the same pixel, which is right
-   for a still camera only. Pixels the model clipped
-   at 0 or 1 carry no depth, so they are left out of every fit, as are the worst-fitting ``TRIMMED`` of a first fit.
+   for a still camera only. Pixels the model clipped at 0 or 1 carry no depth, so they are left out of every fit,
+   as are the worst-fitting ``TRIMMED`` of a first fit.
 2. Keyframes damp the random walk a chain of pairwise fits accumulates: every ``keyframe_interval``-th chained
    frame is kept, and the last ``keyframes`` of them join every fit.
 3. A camera move along the view axis (a push toward a wall) changes sqrt-depth almost affinely, so it is

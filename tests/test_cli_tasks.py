@@ -50,7 +50,8 @@ def vae_encodes(monkeypatch) -> list[int]:
 
 @pytest.fixture
 def dit_loads(monkeypatch) -> list[tuple[str, list[str]]]:
-    """Every DiT load (the names of its file and its LoRAs), checking that the DiT loaded before it is already freed: one DiT at a time."""
+    """Every DiT load (the names of its file and its LoRAs), checking that the DiT loaded before it is already freed:
+    one DiT at a time."""
     loads, loaded = [], []
     load_dit, load_denoiser = weights.load_dit, diffusers_backend.load_diffusers_denoiser
 
@@ -112,7 +113,8 @@ def test_zero_config_tasks_take_each_tasks_lora_and_matting_its_points(monkeypat
 
     # The matte equals a one-task run with the same files given explicitly (the stand-in LoRA is the fixture's).
     run("matting", tmp_path / "alone.png", "--dit", str(FIXTURES / "dit_bfl.safetensors"), "--lora", LORA,
-        "--vae", str(FIXTURES / "vae_bfl.safetensors"), "--prompt-embeds", str(prompt_files["matting"]), "--points", POINTS)
+        "--vae", str(FIXTURES / "vae_bfl.safetensors"), "--prompt-embeds", str(prompt_files["matting"]),
+        "--points", POINTS)
     assert (tmp_path / "maps" / "photo_matting.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
 
 
